@@ -1,0 +1,1 @@
+"""cifarlab: train and understand a small CIFAR-10 CNN, one config change at a time."""

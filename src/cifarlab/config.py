@@ -1,0 +1,307 @@
+"""The composed config, checked and turned into plain objects: layer factories, the model, optimiser and schedule.
+
+This and train.py are the only modules that read the config (train.py is the entry point; checking is long enough
+to deserve its own file). Every check raises ConfigError with one line naming the key, the value and what is
+allowed, before any data is loaded or any training starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from numbers import Real
+from typing import Any, Callable
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from cifarlab.model import CifarNet, LayerFactory, pool_geometry, pool_output_size
+
+# Every _target_ the configs may name starts with one of these.
+ALLOWED_TARGETS = (
+    "torch.nn.",
+    "torch.optim.",
+    "lightning.pytorch.Trainer",
+    "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
+    "cifarlab.",
+)
+CHANNELS = "channels"  # a layer argument with this value receives the channel count of where the layer sits
+LAYER_GROUPS = ("pool", "activation", "norm", "dropout")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config; the message names the key, the bad value and what is allowed."""
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return repr(value) if isinstance(value, str) else str(value).replace(" ", "")
+
+
+def resolve_target(target: Any, key: str) -> Any:
+    """The class or function a _target_ names, if the allowlist admits it."""
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGETS):
+        allowed = ", ".join(t + ("*" if t.endswith(".") else "") for t in ALLOWED_TARGETS)
+        raise ConfigError(f"{key}._target_={_fmt(target)}: not an allowed target (allowed: {allowed})")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"{key}._target_={_fmt(target)}: no such class or function") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value checks for the layer arguments the seeds describe. Each: (test, what is allowed).
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_or_pair(test: Callable[[int], bool]) -> Callable[[Any], bool]:
+    def check(v: Any) -> bool:
+        if isinstance(v, (list, tuple, ListConfig)):
+            return len(v) == 2 and all(_is_int(x) and test(x) for x in v)
+        return _is_int(v) and test(v)
+
+    return check
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "kernel_size": (_int_or_pair(lambda x: x >= 1), "an int >= 1 or a pair [h, w] of them"),
+    "stride": (lambda v: v is None or _int_or_pair(lambda x: x >= 1)(v), "null (= kernel_size), or an int >= 1 or a pair"),
+    "padding": (_int_or_pair(lambda x: x >= 0), "an int >= 0 or a pair [h, w] of them"),
+    "dilation": (_int_or_pair(lambda x: x >= 1), "an int >= 1 or a pair [h, w] of them"),
+    "ceil_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "count_include_pad": (lambda v: isinstance(v, bool), "true or false"),
+    "divisor_override": (lambda v: v is None or (_is_int(v) and v >= 1), "null (= window size) or an int >= 1"),
+    "norm_type": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "p": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
+    "negative_slope": (_number, "a number"),
+    "init": (_number, "a number"),
+    "lower": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "upper": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "alpha": (_number, "a number"),
+    "eps": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "momentum": (lambda v: v is None or (_number(v) and 0 <= v <= 1), "null or a number in [0, 1]"),
+    "num_groups": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "num_parameters": (lambda v: v == CHANNELS or v == 1, f'1 (one shared slope) or "{CHANNELS}" (one per channel)'),
+    "approximate": (lambda v: v in ("none", "tanh"), '"none" or "tanh"'),
+}
+
+
+def _check_args(key: str, args: dict[str, Any]) -> None:
+    for name, value in args.items():
+        rule = ARG_RULES.get(name)
+        if rule and not rule[0](value):
+            raise ConfigError(f"{key}.{name}={_fmt(value)}: must be {rule[1]}")
+    if "lower" in args and "upper" in args and args["lower"] > args["upper"]:
+        raise ConfigError(
+            f"{key}.lower={_fmt(args['lower'])} > {key}.upper={_fmt(args['upper'])}: "
+            "RReLU draws its slope from U(lower, upper), so lower must be <= upper"
+        )
+    if args.get("return_indices"):
+        raise ConfigError(
+            f"{key}.return_indices=true: the network needs a tensor from pooling, not (values, indices); "
+            "the MaxUnpool2d view in TensorBoard pools with return_indices=True by itself"
+        )
+
+
+def layer_factory(node: DictConfig, key: str) -> tuple[LayerFactory | None, type | None, dict[str, Any]]:
+    """(factory, class, arguments) for one layer group; factory is None for a `none` choice.
+
+    Arguments whose value is "channels" receive the channel count of the stage (or head) the layer is built for.
+    """
+    target = node.get("_target_")
+    if target is None:
+        return None, None, {}
+    cls = resolve_target(target, key)
+    args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}  # [h, w] -> (h, w)
+    _check_args(key, args)
+
+    def build(channels: int) -> nn.Module:
+        return cls(**{k: channels if v == CHANNELS else v for k, v in args.items()})
+
+    return build, cls, args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def _check_pool_geometry(key: str, pool: nn.Module, model_cfg: DictConfig) -> None:
+    g = pool_geometry(pool)
+    for i, axis in enumerate("hw"):
+        k, pad = g["kernel_size"][i], g["padding"][i]
+        if pad > k // 2:
+            raise ConfigError(
+                f"{key}.padding={_fmt(pool.padding)}: pads {pad} px on each side, more than half of "
+                f"{key}.kernel_size={_fmt(pool.kernel_size)} ({k} // 2 = {k // 2}) allows"
+            )
+    hw = (32, 32)
+    k_conv, p_conv = int(model_cfg.conv_kernel), int(model_cfg.conv_padding)
+    trail: list[str] = []
+    for stage in range(1, len(model_cfg.channels) + 1):
+        conv = tuple(s + 2 * p_conv - k_conv + 1 for s in hw)
+        if min(conv) < 1:
+            raise ConfigError(
+                f"model.conv_kernel={k_conv}, model.conv_padding={p_conv}: stage {stage}'s conv shrinks "
+                f"{hw[0]}x{hw[1]} to nothing ({'; '.join(trail) or 'first stage'})"
+            )
+        out = tuple(
+            pool_output_size(conv[i], g["kernel_size"][i], g["stride"][i], g["padding"][i], g["dilation"][i],
+                             g["ceil_mode"])
+            for i in range(2)
+        )
+        trail.append(f"stage{stage} {conv[0]}x{conv[1]} -> {out[0]}x{out[1]}")
+        if min(out) < 1:
+            params = ", ".join(f"{key}.{n}={_fmt(getattr(pool, n))}" for n in
+                               ("kernel_size", "stride", "padding", "dilation", "ceil_mode") if hasattr(pool, n))
+            raise ConfigError(
+                f"{params}: pooling shrinks a feature map to nothing ({'; '.join(trail)}); "
+                "use a smaller kernel_size/stride/dilation, or ceil_mode=true"
+            )
+        hw = out
+
+
+def build_model(model_cfg: DictConfig) -> CifarNet:
+    factories: dict[str, LayerFactory | None] = {}
+    classes: dict[str, type | None] = {}
+    args_of: dict[str, dict[str, Any]] = {}
+    for group in LAYER_GROUPS:
+        key = f"model.{group}"
+        node = model_cfg.get(group)
+        if not isinstance(node, DictConfig):
+            raise ConfigError(
+                f"{key}={_fmt(node)}: {group} is a config group; choose an option with model/{group}=<option> "
+                f"(a slash, not a dot), e.g. model/{group}=" + {"pool": "avg", "activation": "relu",
+                                                                 "norm": "batchnorm", "dropout": "dropout"}[group]
+            )
+        factories[group], classes[group], args_of[group] = layer_factory(node, key)
+    if factories["pool"] is None:
+        raise ConfigError("model.pool._target_=null: the network needs a pooling layer (max, avg or lp)")
+
+    channels = [int(c) for c in model_cfg.channels]
+    if not channels or min(channels) < 1:
+        raise ConfigError(f"model.channels={_fmt(model_cfg.channels)}: must list positive channel counts")
+    groups = args_of["norm"].get("num_groups")
+    if groups is not None and any(c % groups for c in channels):
+        raise ConfigError(
+            f"model.norm.num_groups={groups}: must divide every stage's channel count {channels} "
+            f"(e.g. {', '.join(str(d) for d in range(1, min(channels) + 1) if all(c % d == 0 for c in channels))})"
+        )
+    try:
+        pool = factories["pool"](channels[0])
+    except Exception as e:
+        raise ConfigError(f"model.pool ({model_cfg.pool._target_}): {e}") from None
+    _check_pool_geometry("model.pool", pool, model_cfg)
+
+    head_drop = None
+    if model_cfg.head_dropout and factories["dropout"] is not None:
+        p = float(args_of["dropout"]["p"])
+        head_drop = lambda _: nn.Dropout(p)  # noqa: E731 - a vector input gets element dropout even for Dropout2d
+    try:
+        model = CifarNet(
+            pool_layer=factories["pool"],
+            act_layer=factories["activation"],
+            norm_layer=factories["norm"],
+            drop_layer=factories["dropout"],
+            head_act_layer=factories["activation"] if model_cfg.head_activation else None,
+            head_drop_layer=head_drop,
+            channels=channels,
+            conv_kernel=int(model_cfg.conv_kernel),
+            conv_padding=int(model_cfg.conv_padding),
+            hidden=int(model_cfg.hidden),
+            num_classes=int(model_cfg.num_classes),
+        )
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def build_optimizer(node: DictConfig) -> Callable:
+    cls = resolve_target(node.get("_target_"), "optimizer")
+    args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    if not (_number(args.get("lr")) and args["lr"] > 0):
+        raise ConfigError(f"optimizer.lr={_fmt(args.get('lr'))}: must be a number > 0")
+    if "weight_decay" in args and not (_number(args["weight_decay"]) and args["weight_decay"] >= 0):
+        raise ConfigError(f"optimizer.weight_decay={_fmt(args['weight_decay'])}: must be a number >= 0")
+    if "betas" in args:
+        args["betas"] = tuple(args["betas"])
+    return functools.partial(cls, **args)
+
+
+def build_scheduler(node: DictConfig) -> Callable | None:
+    """(optimizer, total steps) -> scheduler, or None for a constant learning rate."""
+    target = node.get("_target_")
+    if target is None:
+        return None
+    cls = resolve_target(target, "scheduler")
+    args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    params = inspect.signature(cls).parameters
+    steps_arg = next((a for a in ("total_steps", "T_max") if a in params), None)
+    if steps_arg is None:
+        raise ConfigError(f"scheduler._target_={target}: only schedulers taking total_steps or T_max are supported")
+
+    def build(optimizer, total_steps: int):
+        return cls(optimizer, **args, **{steps_arg: total_steps})
+
+    return build
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    positive_ints = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "trainer.max_epochs": cfg.trainer.max_epochs,
+    }
+    for key, value in positive_ints.items():
+        if not (_is_int(value) and value >= 1):
+            raise ConfigError(f"{key}={_fmt(value)}: must be an int >= 1")
+    ls = cfg.label_smoothing
+    if not (_number(ls) and 0 <= ls < 1):
+        raise ConfigError(f"label_smoothing={_fmt(ls)}: must be a number in [0, 1)")
+    pad = cfg.data.augment.crop_padding
+    if not (_is_int(pad) and 0 <= pad <= 16):
+        raise ConfigError(f"data.augment.crop_padding={_fmt(pad)}: must be an int in [0, 16] (px; 0 = no crop)")
+    vs = cfg.data.val_size
+    if not ((_is_int(vs) and vs >= 1) or (isinstance(vs, float) and 0 < vs < 1)):
+        raise ConfigError(f"data.val_size={_fmt(vs)}: must be a fraction in (0, 1) or an image count >= 1")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is not None:
+            resolve_target(node.get("_target_"), f"callbacks.{name}")
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is not None:
+            resolve_target(node.get("_target_"), f"logger.{name}")
+    resolve_target(cfg.trainer.get("_target_"), "trainer")
+
+
+def choices(cfg: DictConfig, option_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run's layer choices and their arguments, flat, for metrics.json and comparisons.
+
+    option_names: Hydra's chosen option per group ({"model/pool": "avg", ...}); without it, the class name.
+    """
+    out: dict[str, Any] = {}
+    for group in LAYER_GROUPS:
+        node = cfg.model[group]
+        target = node.get("_target_")
+        name = (option_names or {}).get(f"model/{group}")
+        out[group] = name or (target.rsplit(".", 1)[-1] if target else "none")
+        for k, v in OmegaConf.to_container(node, resolve=True).items():
+            if not k.startswith("_") and v != CHANNELS:
+                out[f"{group}.{k}"] = v
+    return out

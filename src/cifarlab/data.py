@@ -1,0 +1,382 @@
+"""CIFAR-10 as uint8 tensors, and batches cut, augmented and normalised on the training device.
+
+The official python layout (cifar-10-batches-py/, or the cifar-10-python.tar.gz archive it unpacks from) is read
+straight into one (N, 3, 32, 32) uint8 tensor per split: no PIL, no per-image Python. Augmentation (random crop,
+flip) and normalisation then work on whole batches wherever the tensors live, CPU or GPU (airbench's habit).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5, download_and_extract_archive, extract_archive
+
+log = logging.getLogger(__name__)
+
+FOLDER = "cifar-10-batches-py"
+ARCHIVE = "cifar-10-python.tar.gz"
+# torchvision's table of the official files: [name, md5]; the first five are the training batches.
+TRAIN_FILES = CIFAR10.train_list
+TEST_FILES = CIFAR10.test_list
+META = CIFAR10.meta  # {"filename": "batches.meta", "key": "label_names", "md5": ...}
+IMAGE_SHAPE = (3, 32, 32)
+
+
+class DataError(Exception):
+    """The data cannot be used as asked; the message names the file or folder and what to do."""
+
+
+@dataclass
+class CifarArrays:
+    train_x: torch.Tensor  # (N, 3, 32, 32) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor  # (M, 3, 32, 32) uint8
+    test_y: torch.Tensor  # (M,) int64
+    classes: list[str]
+    source: str  # "cifar10" (official files), "cifar10-copy:<folder>" (md5 differs), or "synthetic"
+    root: str | None  # the folder the batches were read from
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the official files
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch and nothing else: only numpy's array reconstruction may be called.
+
+    A plain pickle.load would run whatever a file someone handed you asks for.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise _Refused(f"it asks to call {module}.{name}, which a CIFAR-10 batch never does")
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, encoding="latin1").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file missing; the folder must hold {_expected_files()}") from None
+    except _Refused as e:
+        raise DataError(f"{path}: refused, not unpickled: {e}") from None
+    except Exception as e:  # truncated files raise EOFError, garbage raises UnpicklingError/ValueError/...
+        raise DataError(
+            f"{path}: not a readable CIFAR-10 python batch ({type(e).__name__}: {e}); "
+            "the file is truncated or corrupt: replace it or delete the folder to download again"
+        ) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: holds a {type(obj).__name__}, a CIFAR-10 batch holds a dict")
+    return obj
+
+
+def _expected_files() -> str:
+    return ", ".join([META["filename"]] + [n for n, _ in TRAIN_FILES + TEST_FILES])
+
+
+def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch file -> images (N, 3, 32, 32) uint8 and labels (N,) int64, after checking shapes and labels."""
+    batch = _unpickle(path)
+    missing = [k for k in ("data", "labels") if k not in batch]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(repr(k) for k in missing)} entry (it has {sorted(batch)})")
+    data, labels = batch["data"], np.asarray(batch["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DataError(f"{path}: 'data' is {dtype} of shape {shape}, expected uint8 of shape (N, 3072)")
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise DataError(f"{path}: {len(labels)} labels for {len(data)} images")
+    if len(data) == 0:
+        raise DataError(f"{path}: holds no images")
+    if labels.min() < 0 or labels.max() > 9:
+        bad = int(np.flatnonzero((labels < 0) | (labels > 9))[0])
+        raise DataError(f"{path}: label {int(labels[bad])} at index {bad} is outside 0..9")
+    # Each row is 1024 red, 1024 green, then 1024 blue values of a row-major 32x32 image.
+    images = torch.from_numpy(np.ascontiguousarray(data)).view(-1, *IMAGE_SHAPE)  # (N, 3, 32, 32)
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def _read_classes(folder: Path) -> list[str]:
+    meta = _unpickle(folder / META["filename"])
+    names = meta.get(META["key"])
+    if not isinstance(names, list) or len(names) != 10:
+        raise DataError(f"{folder / META['filename']}: '{META['key']}' should list 10 class names, got {names!r}")
+    return [str(n) for n in names]
+
+
+def _files_differing_from_official(folder: Path) -> list[str]:
+    return [name for name, md5 in TRAIN_FILES + TEST_FILES if calculate_md5(str(folder / name)) != md5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding (or downloading) the files
+
+
+def locate(root: Path, download: bool, url: str, md5: str) -> Path:
+    """The cifar-10-batches-py folder under root, unpacking or downloading the official archive if needed."""
+    if root.name == FOLDER and root.is_dir():  # pointed straight at the batches folder
+        return root
+    folder, archive = root / FOLDER, root / ARCHIVE
+    if folder.is_dir():
+        return folder
+    if archive.is_file():
+        if calculate_md5(str(archive)) != md5:
+            log.warning("%s: md5 differs from the official archive (%s); unpacking it anyway", archive, md5)
+        try:
+            extract_archive(str(archive), str(root))
+        except Exception as e:
+            raise DataError(f"{archive}: cannot unpack ({type(e).__name__}: {e}); delete it to download again") from None
+        if not folder.is_dir():
+            raise DataError(f"{archive}: unpacked, but it holds no {FOLDER}/ folder")
+        return folder
+    where = f"looked for {folder}/ and {archive}"
+    how = (
+        "Point data.root (or the CIFARLAB_DATA variable) at a folder holding cifar-10-batches-py/ or "
+        "cifar-10-python.tar.gz, or run data=synthetic for a smoke run on made-up images."
+    )
+    if not download:
+        raise DataError(f"CIFAR-10 not found: {where}; data.download=false. {how}")
+    log.info("CIFAR-10 not found under %s: downloading %s", root, url)
+    created = not root.exists()
+    try:
+        download_and_extract_archive(url, download_root=str(root), filename=ARCHIVE, md5=md5)
+    except Exception as e:
+        if created and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # leave no empty folder behind a failed download
+        raise DataError(
+            f"CIFAR-10 not found ({where}) and the download from {url} failed ({type(e).__name__}: {e}). {how}"
+        ) from None
+    return folder
+
+
+def load_cifar10(root: str | Path, download: bool = True, url: str = "", md5: str = "") -> CifarArrays:
+    root = Path(root).expanduser().resolve()
+    folder = locate(root, download, url, md5)
+    classes = _read_classes(folder)
+    train = [read_batch(folder / name) for name, _ in TRAIN_FILES]
+    test_x, test_y = read_batch(folder / TEST_FILES[0][0])
+    differing = _files_differing_from_official(folder)
+    if differing:
+        log.warning(
+            "%s: %s differ from the official CIFAR-10 files (md5); using them as given", folder, ", ".join(differing)
+        )
+    source = "cifar10" if not differing else f"cifar10-copy:{folder.parent.name}"
+    return CifarArrays(
+        train_x=torch.cat([x for x, _ in train]),
+        train_y=torch.cat([y for _, y in train]),
+        test_x=test_x,
+        test_y=test_y,
+        classes=classes,
+        source=source,
+        root=str(folder),
+    )
+
+
+def make_synthetic(n_train: int, n_test: int, noise: float, seed: int) -> CifarArrays:
+    """NOT CIFAR-10: one smooth random colour pattern per class, plus per-image noise. Learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = F.interpolate(torch.rand(10, 3, 4, 4, generator=g), size=IMAGE_SHAPE[1:], mode="bilinear")
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 10, (n,), generator=g)
+        x = patterns[y] + noise * torch.randn(n, *IMAGE_SHAPE, generator=g)  # (n, 3, 32, 32) in ~[0, 1]
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    (train_x, train_y), (test_x, test_y) = split(n_train), split(n_test)
+    classes = [f"synthetic-{i}" for i in range(10)]
+    return CifarArrays(train_x, train_y, test_x, test_y, classes, source="synthetic", root=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches on the device
+
+
+def val_count(val_size: int | float, n_train: int) -> int:
+    """data.val_size as an image count: a fraction in (0, 1) of the training set, or a count."""
+    n = math.floor(val_size * n_train) if isinstance(val_size, float) else int(val_size)
+    if not 1 <= n < n_train:
+        raise ValueError(f"{val_size} leaves {n} validation and {n_train - n} training images of {n_train}")
+    return n
+
+
+def split_indices(n: int, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]  # train, val
+
+
+def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
+    """A random HxW crop of each image of x (B, C, H, W), reflect-padded by `padding` px on every side."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, mode="reflect")  # (B, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=g, device=g.device).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=g, device=g.device).to(x.device)
+    rows = (dy + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (dx + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
+    padded = padded.gather(2, rows.expand(-1, padded.shape[1], -1, padded.shape[3]))  # (B, C, H, W+2p)
+    return padded.gather(3, cols.expand(-1, padded.shape[1], h, -1))  # (B, C, H, W)
+
+
+def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=g, device=g.device) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class DeviceBatches:
+    """(images, labels) batches cut from uint8 tensors that already live on the training device.
+
+    Training batches are shuffled by a permutation seeded with (seed, epoch), and augmented with a generator seeded
+    with (seed, epoch, batch): the same seed gives the same batches, and a resumed epoch replays them exactly.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,  # (N, 3, 32, 32) uint8
+        labels: torch.Tensor,  # (N,) int64
+        batch_size: int,
+        transform: Callable[[torch.Tensor], torch.Tensor],  # uint8 batch -> normalised float batch
+        *,
+        train: bool = False,
+        seed: int = 0,
+        epoch: Callable[[], int] = lambda: 0,
+        flip: bool = False,
+        crop_padding: int = 0,
+    ):
+        self.images, self.labels, self.batch_size, self.transform = images, labels, batch_size, transform
+        self.train, self.seed, self.epoch, self.flip, self.crop_padding = train, seed, epoch, flip, crop_padding
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)  # training drops the tail
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, bs = len(self.labels), self.batch_size
+        if not self.train:
+            for i in range(0, n, bs):
+                yield self.transform(self.images[i : i + bs]), self.labels[i : i + bs]
+            return
+        epoch = self.epoch()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = order.to(self.images.device)
+        for b in range(len(self)):
+            idx = order[b * bs : (b + 1) * bs]
+            x = self.images[idx].float().div_(255)  # (B, 3, 32, 32) in [0, 1]
+            g = torch.Generator(device=x.device).manual_seed((self.seed * 100_003 + epoch) * 100_003 + b)
+            if self.crop_padding:
+                x = random_crop(x, self.crop_padding, g)
+            if self.flip:
+                x = random_flip(x, g)
+            yield self.transform(x), self.labels[idx]
+
+
+class Normalize:
+    """uint8 or [0, 1] float images -> float, minus mean, over std, per channel (identity stats = ToTensor)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.mean, self.std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+
+    def to(self, device: torch.device) -> "Normalize":
+        return Normalize(self.mean.to(device), self.std.to(device))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255)
+        return (x - self.mean) / self.std
+
+    def undo(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to [0, 1] images, for showing them."""
+        return x * self.std + self.mean
+
+
+def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std in [0, 1] units of uint8 images (N, 3, H, W)."""
+    x = images.double().div_(255).transpose(0, 1).reshape(images.shape[1], -1)  # (3, N*H*W)
+    return x.mean(1).float(), x.std(1).float()
+
+
+class CifarDataModule(L.LightningDataModule):
+    """Holds the three splits as uint8 tensors on the training device and hands out DeviceBatches."""
+
+    def __init__(
+        self,
+        arrays: CifarArrays,
+        n_val: int,
+        split_seed: int,
+        batch_size: int,
+        eval_batch_size: int,
+        normalize: bool,
+        flip: bool,
+        crop_padding: int,
+        seed: int,
+    ):
+        super().__init__()
+        self.arrays, self.n_val, self.split_seed, self.seed = arrays, n_val, split_seed, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.flip, self.crop_padding = flip, crop_padding
+        train_idx, val_idx = split_indices(len(arrays.train_y), n_val, split_seed)
+        self.train_x, self.train_y = arrays.train_x[train_idx], arrays.train_y[train_idx]
+        self.val_x, self.val_y = arrays.train_x[val_idx], arrays.train_y[val_idx]
+        self.test_x, self.test_y = arrays.test_x, arrays.test_y
+        if normalize:  # statistics of the training split itself, so stand-in or synthetic data is centred too
+            self.normalizer = Normalize(*channel_stats(self.train_x))
+        else:
+            self.normalizer = Normalize(torch.zeros(3), torch.ones(3))
+        self._device: torch.device | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.arrays.classes
+
+    def setup(self, stage: str) -> None:
+        # Move every split to the training device once; afterwards a batch is an index into device memory.
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if device != self._device:
+            for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
+                setattr(self, name, getattr(self, name).to(device))
+            self.normalizer = self.normalizer.to(device)
+            self._device = device
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def train_dataloader(self) -> DeviceBatches:
+        return DeviceBatches(
+            self.train_x,
+            self.train_y,
+            self.batch_size,
+            self.normalizer,
+            train=True,
+            seed=self.seed,
+            epoch=self._epoch,
+            flip=self.flip,
+            crop_padding=self.crop_padding,
+        )
+
+    def val_dataloader(self) -> DeviceBatches:
+        return DeviceBatches(self.val_x, self.val_y, self.eval_batch_size, self.normalizer)
+
+    def test_dataloader(self) -> DeviceBatches:
+        return DeviceBatches(self.test_x, self.test_y, self.eval_batch_size, self.normalizer)

@@ -1,0 +1,145 @@
+"""The documented CIFAR-10 network: three conv-pool stages, flatten, two Linear layers.
+
+Pure torch: every interchangeable layer arrives as a factory (timm's `act_layer=` habit), so each stage gets its
+own instance and PReLU slopes or BatchNorm statistics are never shared. This module never imports hydra.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+# Given the channel count of the feature map it will see, build a fresh layer.
+LayerFactory = Callable[[int], nn.Module]
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """One side of a pooled map, by the formula the seed gives (torch's documented output size):
+
+    out = floor_or_ceil((size + 2p - d(k-1) - 1) / s + 1)
+
+    With ceil_mode, torch also drops a last window that would start inside the right padding.
+    """
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (math.ceil if ceil_mode else math.floor)(span / stride + 1)
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def pool_geometry(pool: nn.Module) -> dict[str, tuple[int, int] | bool]:
+    """kernel/stride/padding/dilation/ceil_mode of MaxPool2d, AvgPool2d or LPPool2d, as (H, W) pairs.
+
+    Read from the layer itself, so the numbers are the ones torch will use (stride=None means stride=kernel).
+    """
+    kernel = _pair(pool.kernel_size)
+    stride = _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    return {
+        "kernel_size": kernel,
+        "stride": stride,
+        "padding": _pair(getattr(pool, "padding", 0)),  # LPPool2d has none
+        "dilation": _pair(getattr(pool, "dilation", 1)),  # only MaxPool2d has one
+        "ceil_mode": bool(pool.ceil_mode),
+    }
+
+
+def pooled_size(pool: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
+    g = pool_geometry(pool)
+    return tuple(  # type: ignore[return-value]
+        pool_output_size(hw[i], g["kernel_size"][i], g["stride"][i], g["padding"][i], g["dilation"][i], g["ceil_mode"])
+        for i in range(2)
+    )
+
+
+class Stage(nn.Sequential):
+    """conv -> [norm] -> [act] -> pool -> [dropout]; the optional layers are left out when not chosen.
+
+    Inspection needs the map pooling sees and the map it makes, so `pool_io` returns both from one pass.
+    """
+
+    def __init__(self, conv: nn.Conv2d, pool: nn.Module, norm=None, act=None, drop=None):
+        layers = {"conv": conv, "norm": norm, "act": act, "pool": pool, "drop": drop}
+        super().__init__(OrderedDict((k, v) for k, v in layers.items() if v is not None))
+
+    def pool_io(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(before pooling, after pooling, stage output) for input x (B, C_in, H, W)."""
+        before = x
+        for name, layer in self.named_children():
+            if name == "pool":
+                break
+            before = layer(before)  # (B, C, H, W)
+        after = self.pool(before)  # (B, C, H', W')
+        out = self.drop(after) if "drop" in self._modules else after
+        return before, after, out
+
+
+class CifarNet(nn.Sequential):
+    """stage1..stage3 -> flatten -> fc1 -> [head_act] -> [head_drop] -> fc2.
+
+    With max pooling and no norm, activation or dropout this is exactly the seed's nn.Sequential
+    (145,578 parameters). The flatten size follows from the pooling geometry.
+    """
+
+    def __init__(
+        self,
+        pool_layer: LayerFactory,
+        act_layer: LayerFactory | None = None,
+        norm_layer: LayerFactory | None = None,
+        drop_layer: LayerFactory | None = None,
+        head_act_layer: LayerFactory | None = None,
+        head_drop_layer: LayerFactory | None = None,
+        channels: Sequence[int] = (32, 32, 64),
+        conv_kernel: int = 5,
+        conv_padding: int = 2,
+        hidden: int = 64,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        image_size: int = 32,
+    ):
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        hw = (image_size, image_size)
+        c_in = in_channels
+        feature_sizes: list[tuple[int, int]] = []  # (H, W) after each stage's pooling
+        for i, c_out in enumerate(channels, start=1):
+            conv = nn.Conv2d(c_in, c_out, conv_kernel, padding=conv_padding)
+            hw = (hw[0] + 2 * conv_padding - conv_kernel + 1, hw[1] + 2 * conv_padding - conv_kernel + 1)
+            pool = pool_layer(c_out)
+            hw = pooled_size(pool, hw)
+            if min(hw) < 1:
+                raise ValueError(f"stage {i} pools its feature map to {hw[0]}x{hw[1]} (nothing left)")
+            feature_sizes.append(hw)
+            layers[f"stage{i}"] = Stage(
+                conv,
+                pool,
+                norm=norm_layer(c_out) if norm_layer else None,
+                act=act_layer(c_out) if act_layer else None,
+                drop=drop_layer(c_out) if drop_layer else None,
+            )
+            c_in = c_out
+        flat = c_in * hw[0] * hw[1]  # 64 * 4 * 4 = 1024 for the documented geometry
+        layers["flatten"] = nn.Flatten()  # (B, C, H, W) -> (B, C*H*W)
+        layers["fc1"] = nn.Linear(flat, hidden)
+        if head_act_layer:
+            layers["head_act"] = head_act_layer(hidden)
+        if head_drop_layer:
+            layers["head_drop"] = head_drop_layer(hidden)
+        layers["fc2"] = nn.Linear(hidden, num_classes)
+        super().__init__(layers)
+        self.feature_sizes = feature_sizes
+        self.flat_features = flat
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [m for m in self.children() if isinstance(m, Stage)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,161 @@
+"""cifarlab-train: the Hydra entry point. Read top to bottom, it is the whole program:
+
+compose the config -> check it and build the layer factories and model (config.py) -> load CIFAR-10 (data.py)
+-> train and validate (module.py, Lightning) -> test the best checkpoint -> metrics.json in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from cifarlab import config, data
+from cifarlab.config import ConfigError
+from cifarlab.data import DataError
+from cifarlab.model import count_parameters
+from cifarlab.module import CifarModule, EpochTimer
+
+log = logging.getLogger("cifarlab")
+# Lightning's advertising and a deprecation inside Lightning itself are noise to a user of this tool.
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not str(record.msg).startswith(("💡 Tip", "Trainer already configured with model summary"))
+)
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+FINISHED = "metrics.json"  # its presence marks a finished run
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    from rich import print as rprint
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", style="bold")
+    for key, node in cfg.items():
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        tree.add(f"[bold]{key}[/bold]").add(Syntax(text.rstrip(), "yaml", theme="ansi_dark"))
+    rprint(tree)
+
+
+def load_data(data_cfg: DictConfig, seed: int) -> data.CifarArrays:
+    if data_cfg.name == "synthetic":
+        arrays = data.make_synthetic(int(data_cfg.n_train), int(data_cfg.n_test), float(data_cfg.noise), seed)
+        log.warning("data=synthetic: training on made-up images, NOT CIFAR-10; no figure from this run means anything")
+        return arrays
+    if data_cfg.name != "cifar10":
+        raise ConfigError(f"data.name={data_cfg.name!r}: must be 'cifar10' or 'synthetic'")
+    return data.load_cifar10(to_absolute_path(str(data_cfg.root)), bool(data_cfg.download), data_cfg.url, data_cfg.md5)
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    if (run_dir / FINISHED).exists():
+        raise ConfigError(f"hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder")
+
+    # Everything a user can get wrong in the config is refused here, before any data is read.
+    config.check_recipe(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = config.build_model(cfg.model)
+    optimizer = config.build_optimizer(cfg.optimizer)
+    scheduler = config.build_scheduler(cfg.scheduler)
+    choices = config.choices(cfg, option_names)
+
+    arrays = load_data(cfg.data, cfg.data.split_seed)
+    try:
+        n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
+    except ValueError as e:
+        raise ConfigError(f"data.val_size={e}; use a fraction in (0, 1) or a smaller count") from None
+    datamodule = data.CifarDataModule(
+        arrays,
+        n_val=n_val,
+        split_seed=cfg.data.split_seed,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        normalize=cfg.data.normalize,
+        flip=cfg.data.augment.flip,
+        crop_padding=cfg.data.augment.crop_padding,
+        seed=cfg.seed,
+    )
+    module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing)
+
+    loggers = [instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node is not None]
+    callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
+    if arrays.source == "synthetic":
+        for lg in loggers:
+            if hasattr(lg, "experiment") and hasattr(lg.experiment, "add_text"):
+                lg.experiment.add_text("data", "**SYNTHETIC DATA, NOT CIFAR-10**: made-up images from data=synthetic")
+
+    trainer.fit(module, datamodule=datamodule)
+    checkpoint = trainer.checkpoint_callback
+    has_best = checkpoint is not None and checkpoint.best_model_path
+    test = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0]
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+    timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
+    best_val = checkpoint.best_model_score if has_best else None
+    metrics = {
+        "test_acc": test["test/acc"],
+        "test_loss": test["test/loss"],
+        "best_val_acc": float(best_val) if best_val is not None else None,
+        "params": count_parameters(model),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        **timing,
+        "data_source": arrays.source,
+        "data_root": arrays.root,
+        "n_train": len(datamodule.train_y),
+        "n_val": len(datamodule.val_y),
+        "n_test": len(datamodule.test_y),
+        "seed": cfg.seed,
+        "device": str(trainer.strategy.root_device),
+        "choices": choices,
+        "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run_dir) if has_best else None,
+        "wall_s": time.perf_counter() - started,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(run_dir / FINISHED, metrics)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    runtime = HydraConfig.get().runtime
+    run_dir = Path(runtime.output_dir)
+    print_config_tree(cfg)
+    try:
+        metrics = train(cfg, run_dir, dict(runtime.choices))
+    except (ConfigError, DataError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    source = "" if metrics["data_source"] == "cifar10" else f" on {metrics['data_source']}"
+    print(f"test/acc {metrics['test_acc']:.4f}{source} (best val/acc {metrics['best_val_acc']:.4f}, "
+          f"{metrics['params']:,} params, {metrics['epoch_s']:.1f} s/epoch)")
+    print(f"logs: {run_dir}  (tensorboard --logdir {run_dir} --host 127.0.0.1)")
+    return metrics["test_acc"]  # the value an Optuna sweeper maximises
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Reading CIFAR-10: the stand-ins, the archive, every broken-file case, and batches on the device."""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab import data
+from cifarlab.data import DataError, DeviceBatches, Normalize
+
+UNREACHABLE = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # refused at once: no test ever downloads
+
+
+def write_batch(path: Path, n: int, seed: int, **replace) -> None:
+    """A batch file in the official format (a protocol-2 pickle of a dict), with made-up pixels."""
+    rng = np.random.default_rng(seed)
+    batch = {
+        "batch_label": "made up",
+        "labels": [int(v) for v in rng.integers(0, 10, n)],
+        "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        "filenames": [f"img_{i}.png" for i in range(n)],
+    }
+    batch.update(replace)
+    path.write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def make_folder(root: Path, n: int = 20) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i, (name, _) in enumerate(data.TRAIN_FILES + data.TEST_FILES):
+        write_batch(folder / name, n, seed=i)
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                      "ship", "truck"], "num_cases_per_batch": n}, protocol=2)
+    )
+    return folder
+
+
+def test_subset_matches_a_plain_pickle_read(subset_root, caplog):
+    with caplog.at_level(logging.WARNING):
+        arrays = data.load_cifar10(subset_root, download=False)
+    folder = subset_root / "cifar-10-batches-py"
+    plain = [pickle.load(open(folder / n, "rb"), encoding="latin1") for n, _ in data.TRAIN_FILES]
+    assert len(arrays.train_y) == sum(len(b["labels"]) for b in plain)
+    test = pickle.load(open(folder / "test_batch", "rb"), encoding="latin1")
+    assert arrays.test_y.tolist() == test["labels"]
+    # Image 5 of the test batch, row layout (1024 R, 1024 G, 1024 B) -> (3, 32, 32)
+    assert torch.equal(arrays.test_x[5], torch.from_numpy(test["data"][5].reshape(3, 32, 32)))
+    assert arrays.train_x.dtype == torch.uint8 and arrays.train_x.shape[1:] == (3, 32, 32)
+    assert arrays.classes[:3] == ["airplane", "automobile", "bird"]
+    # The stand-in's files differ from the official ones: used, with one warning naming them.
+    assert arrays.source == "cifar10-copy:cifar10-subset"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "data_batch_1" in warnings[0] and "test_batch" in warnings[0]
+
+
+def test_root_may_be_the_batches_folder_itself(tmp_path):
+    folder = make_folder(tmp_path)
+    assert len(data.load_cifar10(folder, download=False).train_y) == 100
+
+
+def test_reads_the_official_archive(tmp_path):
+    folder = make_folder(tmp_path / "src")
+    archive_root = tmp_path / "root"
+    archive_root.mkdir()
+    with tarfile.open(archive_root / data.ARCHIVE, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    arrays = data.load_cifar10(archive_root, download=False, md5="not-the-official-md5")
+    assert len(arrays.train_y) == 100 and len(arrays.test_y) == 20
+
+
+def test_unreadable_archive_is_named(tmp_path):
+    (tmp_path / data.ARCHIVE).write_bytes(b"this is not a gzip file")
+    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz: cannot unpack"):
+        data.load_cifar10(tmp_path, download=False)
+
+
+def test_offline_without_data_says_where_it_looked_and_what_to_do(tmp_path):
+    root = tmp_path / "nothing-here"
+    with pytest.raises(DataError) as e:
+        data.load_cifar10(root, download=True, url=UNREACHABLE, md5="x")
+    msg = str(e.value)
+    assert f"{root}/cifar-10-batches-py" in msg and "cifar-10-python.tar.gz" in msg
+    assert "download from http://127.0.0.1:9" in msg and "Connection refused" in msg
+    assert "data.root" in msg and "CIFARLAB_DATA" in msg and "data=synthetic" in msg
+    assert not root.exists()  # no empty folder left behind
+
+
+def test_download_false_does_not_try(tmp_path):
+    with pytest.raises(DataError, match="data.download=false"):
+        data.load_cifar10(tmp_path, download=False)
+
+
+@pytest.mark.parametrize(
+    "breakage,expected",
+    [
+        ("missing", r"data_batch_3: file missing"),
+        ("truncated", r"data_batch_3: not a readable CIFAR-10 python batch \(.*truncated or corrupt"),
+        ("garbage", r"data_batch_3: not a readable CIFAR-10 python batch"),
+        ("shape", r"data_batch_3: 'data' is uint8 of shape \(20, 1024\), expected uint8 of shape \(N, 3072\)"),
+        ("dtype", r"data_batch_3: 'data' is float64 of shape \(20, 3072\)"),
+        ("labels", r"data_batch_3: label 10 at index 4 is outside 0..9"),
+        ("count", r"data_batch_3: 19 labels for 20 images"),
+        ("no-data", r"data_batch_3: no 'data' entry"),
+        ("not-a-dict", r"data_batch_3: holds a list, a CIFAR-10 batch holds a dict"),
+        ("code", r"data_batch_3: refused, not unpickled: it asks to call posix.system"),
+    ],
+)
+def test_a_broken_batch_file_is_named(tmp_path, breakage, expected):
+    folder = make_folder(tmp_path)
+    path = folder / "data_batch_3"
+    rng = np.random.default_rng(0)
+    if breakage == "missing":
+        path.unlink()
+    elif breakage == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif breakage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif breakage == "shape":
+        write_batch(path, 20, 0, data=rng.integers(0, 256, (20, 1024), dtype=np.uint8))
+    elif breakage == "dtype":
+        write_batch(path, 20, 0, data=rng.random((20, 3072)))
+    elif breakage == "labels":
+        write_batch(path, 20, 0, labels=[0, 1, 2, 3, 10] + [0] * 15)
+    elif breakage == "count":
+        write_batch(path, 20, 0, labels=[0] * 19)
+    elif breakage == "no-data":
+        write_batch(path, 20, 0)
+        batch = pickle.loads(path.read_bytes())
+        del batch["data"]
+        path.write_bytes(pickle.dumps(batch, protocol=2))
+    elif breakage == "not-a-dict":
+        path.write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    elif breakage == "code":
+
+        class Evil:
+            def __reduce__(self):
+                import os
+
+                return (os.system, ("echo pwned",))
+
+        path.write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
+    with pytest.raises(DataError, match=expected):
+        data.load_cifar10(tmp_path, download=False)
+
+
+def test_val_split_is_seeded_and_disjoint():
+    train, val = data.split_indices(100, 10, seed=3)
+    again, _ = data.split_indices(100, 10, seed=3)
+    assert torch.equal(train, again) and len(val) == 10
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(100))
+    assert data.val_count(0.1, 5438) == 543 and data.val_count(500, 5438) == 500
+    with pytest.raises(ValueError, match="leaves 5438 validation and 0 training"):
+        data.val_count(5438, 5438)
+
+
+def _batches(epoch: int, seed: int = 0, **kw) -> list[torch.Tensor]:
+    images = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 3, 32, 32).contiguous()
+    it = DeviceBatches(images, torch.arange(64), 16, Normalize(torch.zeros(3), torch.ones(3)), train=True,
+                       seed=seed, epoch=lambda: epoch, **kw)
+    return [y for _, y in it]
+
+
+def test_training_order_depends_on_seed_and_epoch_only():
+    assert [b.tolist() for b in _batches(0)] == [b.tolist() for b in _batches(0)]
+    assert [b.tolist() for b in _batches(0)] != [b.tolist() for b in _batches(1)]
+    assert [b.tolist() for b in _batches(0)] != [b.tolist() for b in _batches(0, seed=1)]
+    assert sorted(torch.cat(_batches(2)).tolist()) == list(range(64))  # each image once per epoch
+
+
+def test_crop_and_flip_move_pixels_but_keep_them():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    cropped = data.random_crop(x, 4, g)
+    padded = torch.nn.functional.pad(x, (4,) * 4, mode="reflect")
+    for i in range(8):  # every crop is one of the 81 windows of the padded image
+        windows = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(cropped[i], w) for w in windows)
+    flipped = data.random_flip(x, g)
+    for i in range(8):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+    assert not torch.equal(flipped, x) and not torch.equal(flipped, x.flip(3))
+
+
+def test_eval_batches_cover_every_image_in_order():
+    images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
+    it = DeviceBatches(images, torch.arange(10), 4, Normalize(torch.zeros(3), torch.ones(3)))
+    assert len(it) == 3 and torch.cat([y for _, y in it]).tolist() == list(range(10))
+
+
+def test_synthetic_data_is_labelled_and_class_dependent():
+    arrays = data.make_synthetic(500, 100, noise=0.35, seed=0)
+    assert arrays.source == "synthetic" and arrays.train_x.shape == (500, 3, 32, 32)
+    means = torch.stack([arrays.train_x[arrays.train_y == c].float().mean(0) for c in range(10)])
+    assert (means[0] - means[1]).abs().mean() > 10  # classes differ by much more than noise averages out to

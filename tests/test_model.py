@@ -1,0 +1,161 @@
+"""The documented network, every layer option of every group, and the pooling geometry."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab import config
+from cifarlab.model import CifarNet, count_parameters, pool_output_size
+from conftest import compose_config, option_names
+
+
+def seed_model() -> nn.Sequential:
+    """The seed tutorial's model (seed 002), verbatim."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels=3, out_channels=32, kernel_size=5, stride=1, padding=2),
+        nn.MaxPool2d(kernel_size=2, padding=0),
+        nn.Conv2d(in_channels=32, out_channels=32, kernel_size=5, stride=1, padding=2),
+        nn.MaxPool2d(kernel_size=2, padding=0),
+        nn.Conv2d(in_channels=32, out_channels=64, kernel_size=5, stride=1, padding=2),
+        nn.MaxPool2d(kernel_size=2, padding=0),
+        nn.Flatten(start_dim=1, end_dim=-1),
+        nn.Linear(in_features=1024, out_features=64),
+        nn.Linear(in_features=64, out_features=10),
+    )
+
+
+def leaf_layers(model: nn.Module) -> list[str]:
+    return [repr(m) for m in model.modules() if not list(m.children())]
+
+
+def test_default_model_is_the_documented_network():
+    model = config.build_model(compose_config().model)
+    reference = seed_model()
+    assert count_parameters(model) == count_parameters(reference) == 145_578  # the figure the seed documents
+    assert leaf_layers(model) == leaf_layers(reference)
+    # Same parameters in the same order -> the same function as the seed's nn.Sequential.
+    with torch.no_grad():
+        for mine, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+            mine.copy_(theirs)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference(x))
+
+
+MODEL_OPTIONS = [(g, o) for g in config.LAYER_GROUPS for o in option_names(f"model/{g}")]
+
+
+@pytest.mark.parametrize("group,option", MODEL_OPTIONS, ids=[f"{g}={o}" for g, o in MODEL_OPTIONS])
+def test_every_option_builds_and_trains_a_step(group, option):
+    torch.manual_seed(0)
+    cfg = compose_config(f"model/{group}={option}")
+    model = config.build_model(cfg.model)
+    optimizer = config.build_optimizer(cfg.optimizer)(model.parameters())
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    logits = model(x)
+    assert logits.shape == (8, 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model.eval()
+    assert model(x).shape == (8, 10)
+
+
+@pytest.mark.parametrize("option", ["prelu", "batchnorm", "groupnorm"])
+def test_each_stage_gets_its_own_layer_instance(option):
+    group = "norm" if option.endswith("norm") else "activation"
+    model = config.build_model(compose_config(f"model/{group}={option}").model)
+    layers = [getattr(stage, "norm" if group == "norm" else "act") for stage in model.stages]
+    assert len({id(m) for m in layers}) == 3
+    assert len({id(p) for m in layers for p in m.parameters()}) == sum(len(list(m.parameters())) for m in layers)
+
+
+def test_prelu_per_channel_gets_each_stage_channel_count():
+    model = config.build_model(compose_config("model/activation=prelu", "model.activation.num_parameters=channels").model)
+    assert [s.act.num_parameters for s in model.stages] == [32, 32, 64]
+    assert model.head_act.num_parameters == 64
+    assert model.stage1.act.weight.shape == (32,)
+
+
+def test_batchnorm_sees_each_stage_channel_count():
+    model = config.build_model(compose_config("model/norm=batchnorm").model)
+    assert [s.norm.num_features for s in model.stages] == [32, 32, 64]
+
+
+def test_head_activation_and_dropout_follow_the_config():
+    on = config.build_model(compose_config("model/activation=relu", "model/dropout=dropout2d").model)
+    names = [n for n, _ in on.named_children()]
+    assert names == ["stage1", "stage2", "stage3", "flatten", "fc1", "head_act", "head_drop", "fc2"]
+    assert type(on.head_drop) is nn.Dropout  # a vector gets element dropout, even when the stages use Dropout2d
+    assert type(on.stage1.drop) is nn.Dropout2d
+    off = config.build_model(
+        compose_config("model/activation=relu", "model/dropout=dropout2d", "model.head_activation=false",
+                       "model.head_dropout=false").model
+    )
+    assert [n for n, _ in off.named_children()] == ["stage1", "stage2", "stage3", "flatten", "fc1", "fc2"]
+    assert [n for n, _ in off.stage1.named_children()] == ["conv", "act", "pool", "drop"]
+
+
+def test_stage_order_is_conv_norm_act_pool_dropout():
+    model = config.build_model(
+        compose_config("model/activation=relu", "model/norm=batchnorm", "model/dropout=dropout").model
+    )
+    assert [n for n, _ in model.stage2.named_children()] == ["conv", "norm", "act", "pool", "drop"]
+
+
+GEOMETRIES = [
+    (size, k, s, p, d, ceil)
+    for size, k, s, p, d, ceil in itertools.product([5, 7, 8, 16, 32], [1, 2, 3, 4], [1, 2, 3], [0, 1, 2], [1, 2], [False, True])
+    if p <= k // 2 and size + 2 * p >= d * (k - 1) + 1
+]
+
+
+def test_output_size_formula_matches_torch_for_max_and_avg_pooling():
+    for size, k, s, p, d, ceil in GEOMETRIES:
+        x = torch.zeros(1, 1, size, size)
+        got_max = F.max_pool2d(x, k, s, p, d, ceil_mode=ceil).shape[-1]
+        assert pool_output_size(size, k, s, p, d, ceil) == got_max, (size, k, s, p, d, ceil)
+        if d == 1:
+            assert pool_output_size(size, k, s, p, 1, ceil) == F.avg_pool2d(x, k, s, p, ceil_mode=ceil).shape[-1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model/pool=avg", "model.pool.kernel_size=3", "model.pool.stride=3"],
+        ["model/pool=max", "model.pool.kernel_size=3", "model.pool.stride=2", "model.pool.padding=1"],
+        ["model/pool=max", "model.pool.kernel_size=2", "model.pool.ceil_mode=true", "model.pool.dilation=2"],
+        ["model/pool=lp", "model.pool.kernel_size=[2,3]", "model.pool.stride=[2,1]"],
+        ["model/pool=avg", "model.pool.kernel_size=3", "model.pool.stride=2", "model.pool.ceil_mode=true"],
+    ],
+)
+def test_flatten_size_follows_the_pooling_geometry(overrides):
+    model = config.build_model(compose_config(*overrides).model)
+    x = torch.randn(2, 3, 32, 32)
+    for stage, expected in zip(model.stages, model.feature_sizes):
+        x = stage(x)
+        assert tuple(x.shape[-2:]) == expected
+    assert x.flatten(1).shape[1] == model.flat_features == model.fc1.in_features
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_pool_io_returns_what_the_stage_computes():
+    model = config.build_model(compose_config("model/activation=relu", "model/norm=batchnorm").model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before, after, out = model.stage1.pool_io(x)
+    torch.testing.assert_close(after, model.stage1.pool(before))
+    torch.testing.assert_close(out, model.stage1(x))
+    assert before.shape == (2, 32, 32, 32) and after.shape == (2, 32, 16, 16)
+
+
+def test_model_refuses_a_geometry_that_leaves_nothing():
+    with pytest.raises(ValueError, match="stage 3 pools its feature map to 0x0"):
+        CifarNet(pool_layer=lambda c: nn.MaxPool2d(4))

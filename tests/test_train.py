@@ -1,0 +1,147 @@
+"""cifarlab-train end to end on the stand-in data: the run folder, its files, its numbers, and what it prints."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cifarlab import config, data
+from cifarlab.model import count_parameters
+from conftest import compose_config, read_metrics, run_cli
+
+METRIC_KEYS = {"test_acc", "best_val_acc", "params", "epochs", "epoch_s", "train_img_per_s", "data_source"}
+SCALARS = {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "test/loss", "test/acc", "time/epoch_s",
+           "time/train_img_per_s"}
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for path in sorted(glob.glob(str(run_dir / "events.out.tfevents.*"))):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend(e.value for e in acc.Scalars(tag))
+    return out
+
+
+@pytest.fixture(scope="module")
+def subset_run(tmp_path_factory, subset_root):
+    """The default recipe, 4 epochs (76 steps of 256 images) on the byte-exact subset."""
+    work = tmp_path_factory.mktemp("e2e")
+    run_dir = work / "run"
+    args = [f"data.root={subset_root}", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
+    result = run_cli(*args, cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result, args
+
+
+def test_run_folder_holds_config_events_checkpoints_and_metrics(subset_run):
+    run_dir, _, _ = subset_run
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert glob.glob(str(run_dir / "events.out.tfevents.*"))
+    metrics = read_metrics(run_dir)
+    assert METRIC_KEYS <= metrics.keys()
+    assert metrics["params"] == count_parameters(config.build_model(compose_config().model))
+    assert metrics["epochs"] == 4 and metrics["steps"] == 4 * (metrics["n_train"] // 256)
+    assert metrics["epoch_s"] > 0 and metrics["train_img_per_s"] > 0
+    assert metrics["data_source"] == "cifar10-copy:cifar10-subset"
+    assert metrics["choices"]["pool"] == "max" and metrics["choices"]["activation"] == "none"
+
+
+def test_reaches_clearly_above_chance_on_the_exact_subset(subset_run):
+    metrics = read_metrics(subset_run[0])
+    assert metrics["test_acc"] >= 0.30, metrics
+    assert metrics["best_val_acc"] >= 0.30, metrics
+
+
+def test_last_lines_printed_are_test_accuracy_and_where_the_logs_are(subset_run):
+    run_dir, result, _ = subset_run
+    last = result.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith(f"test/acc {read_metrics(run_dir)['test_acc']:.4f}")
+    assert last[1].startswith(f"logs: {run_dir}")
+
+
+def test_event_files_hold_every_metric(subset_run):
+    run_dir = subset_run[0]
+    logged = scalars(run_dir)
+    assert SCALARS <= logged.keys(), SCALARS - logged.keys()
+    assert logged["test/acc"] == [pytest.approx(read_metrics(run_dir)["test_acc"])]
+    assert len(logged["val/acc"]) == 4 and len(logged["time/epoch_s"]) == 4
+    lr = logged["train/lr"]
+    assert max(lr) == pytest.approx(compose_config().optimizer.lr, rel=0.05) and lr[-1] < max(lr) / 10  # one-cycle
+
+
+def test_test_accuracy_is_the_best_checkpoints(subset_run, subset_root):
+    """Reload best.ckpt into a freshly built model and score the test set: the figure metrics.json reports."""
+    run_dir, _, args = subset_run
+    cfg = compose_config(*args[:2])
+    model = config.build_model(cfg.model).eval()
+    state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    arrays = data.load_cifar10(subset_root, download=False)
+    dm = data.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
+                              256, 1000, True, False, 0, 0)
+    with torch.no_grad():
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dm.test_dataloader())
+    assert correct / len(arrays.test_y) == pytest.approx(read_metrics(run_dir)["test_acc"], abs=1e-6)
+
+
+def test_a_finished_run_folder_is_never_overwritten(subset_run, tmp_path):
+    run_dir, _, args = subset_run
+    before = (run_dir / "metrics.json").read_bytes()
+    result = run_cli(*args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2 and "holds a finished run" in result.stderr
+    assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_same_config_and_seed_give_the_same_metrics(tmp_path, subset_root):
+    common = [f"data.root={subset_root}", "trainer.max_epochs=2", "trainer.limit_train_batches=6", "seed=7",
+              "model/activation=rrelu", "model/dropout=dropout"]  # random layers too
+    runs = []
+    for name in ("a", "b"):
+        result = run_cli(*common, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(read_metrics(tmp_path / name))
+    for key in ("test_acc", "test_loss", "best_val_acc"):
+        assert runs[0][key] == runs[1][key], key
+
+
+def test_synthetic_data_is_labelled_as_such_everywhere(tmp_path):
+    run_dir = tmp_path / "synthetic"
+    result = run_cli("data=synthetic", "data.n_train=2000", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = read_metrics(run_dir)
+    assert metrics["data_source"] == "synthetic" and metrics["data_root"] is None
+    assert metrics["test_acc"] > 0.5  # learnable: far above the 10 % of chance
+    assert "NOT CIFAR-10" in result.stdout + result.stderr
+    assert "on synthetic" in result.stdout.strip().splitlines()[-2]
+    texts = []
+    for path in glob.glob(str(run_dir / "events.out.tfevents.*")):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        texts += [t.tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"] for t in acc.Tensors(tag)]
+    assert any("SYNTHETIC DATA, NOT CIFAR-10" in t for t in texts)
+
+
+def test_help_lists_every_group_and_cfg_prints_the_config(tmp_path):
+    help_text = run_cli("--help", cwd=tmp_path, timeout=120).stdout
+    for line in ("model/pool: avg, lp, max", "model/norm: batchnorm, groupnorm, none", "experiment: tutorial"):
+        assert line in help_text
+    job = run_cli("--cfg", "job", "model/pool=avg", cwd=tmp_path, timeout=120).stdout
+    assert "_target_: torch.nn.AvgPool2d" in job and "divisor_override: null" in job
+
+
+def test_tutorial_experiment_is_the_seed_recipe():
+    cfg = compose_config("experiment=tutorial")
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.label_smoothing) == (64, 10, 0.0)
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and (cfg.optimizer.lr, cfg.optimizer.momentum) == (0.01, 0.0)
+    assert cfg.scheduler._target_ is None
+    assert cfg.data.normalize is False and not cfg.data.augment.flip and cfg.data.augment.crop_padding == 0
+    assert json.dumps(cfg.model, default=str) == json.dumps(compose_config().model, default=str)
