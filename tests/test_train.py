@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import glob
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarlab import config, data
@@ -73,8 +73,10 @@ def test_event_files_hold_every_metric(subset_run):
     assert SCALARS <= logged.keys(), SCALARS - logged.keys()
     assert logged["test/acc"] == [pytest.approx(read_metrics(run_dir)["test_acc"])]
     assert len(logged["val/acc"]) == 4 and len(logged["time/epoch_s"]) == 4
-    lr = logged["train/lr"]
-    assert max(lr) == pytest.approx(compose_config().optimizer.lr, rel=0.05) and lr[-1] < max(lr) / 10  # one-cycle
+    # One-cycle: up to optimizer.lr (sampled every 10 steps, so the exact peak may fall between samples), then down.
+    lr, peak = logged["train/lr"], compose_config().optimizer.lr
+    assert 0.8 * peak < max(lr) <= peak * (1 + 1e-6)
+    assert lr[0] < max(lr) and lr[-1] < max(lr) / 5
 
 
 def test_test_accuracy_is_the_best_checkpoints(subset_run, subset_root):
@@ -144,4 +146,4 @@ def test_tutorial_experiment_is_the_seed_recipe():
     assert cfg.optimizer._target_ == "torch.optim.SGD" and (cfg.optimizer.lr, cfg.optimizer.momentum) == (0.01, 0.0)
     assert cfg.scheduler._target_ is None
     assert cfg.data.normalize is False and not cfg.data.augment.flip and cfg.data.augment.crop_padding == 0
-    assert json.dumps(cfg.model, default=str) == json.dumps(compose_config().model, default=str)
+    assert OmegaConf.to_container(cfg.model) == OmegaConf.to_container(compose_config().model)

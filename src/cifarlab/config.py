@@ -38,6 +38,8 @@ class ConfigError(ValueError):
 def _fmt(value: Any) -> str:
     if isinstance(value, (DictConfig, ListConfig)):
         value = OmegaConf.to_container(value)
+    if isinstance(value, tuple):
+        value = list(value)  # echo [h, w] as the user wrote it
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     return repr(value) if isinstance(value, str) else str(value).replace(" ", "")
@@ -163,7 +165,7 @@ def _check_pool_geometry(key: str, pool: nn.Module, model_cfg: DictConfig) -> No
                              g["ceil_mode"])
             for i in range(2)
         )
-        trail.append(f"stage{stage} {conv[0]}x{conv[1]} -> {out[0]}x{out[1]}")
+        trail.append(f"stage{stage} {conv[0]}x{conv[1]} -> {max(out[0], 0)}x{max(out[1], 0)}")
         if min(out) < 1:
             params = ", ".join(f"{key}.{n}={_fmt(getattr(pool, n))}" for n in
                                ("kernel_size", "stride", "padding", "dilation", "ceil_mode") if hasattr(pool, n))
