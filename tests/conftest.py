@@ -53,3 +53,20 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+SUBSET_RUN_ARGS = ["trainer.max_epochs=4"]
+
+
+@pytest.fixture(scope="session")
+def subset_run(tmp_path_factory, subset_root):
+    """The default recipe and inspection set, 4 epochs (76 steps of 256 images) on the byte-exact subset.
+
+    Shared by the training and the TensorBoard tests: one real run, read many ways.
+    """
+    work = tmp_path_factory.mktemp("e2e")
+    run_dir = work / "run"
+    args = [f"data.root={subset_root}", *SUBSET_RUN_ARGS, f"hydra.run.dir={run_dir}"]
+    result = run_cli(*args, cwd=work)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result, args

@@ -29,17 +29,6 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def subset_run(tmp_path_factory, subset_root):
-    """The default recipe, 4 epochs (76 steps of 256 images) on the byte-exact subset."""
-    work = tmp_path_factory.mktemp("e2e")
-    run_dir = work / "run"
-    args = [f"data.root={subset_root}", "trainer.max_epochs=4", f"hydra.run.dir={run_dir}"]
-    result = run_cli(*args, cwd=work)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir, result, args
-
-
 def test_run_folder_holds_config_events_checkpoints_and_metrics(subset_run):
     run_dir, _, _ = subset_run
     assert (run_dir / ".hydra" / "config.yaml").is_file()

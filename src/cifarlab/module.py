@@ -59,11 +59,12 @@ class CifarModule(L.LightningModule):
         self.log("train/acc", self.train_acc.compute())
         self.train_acc.reset()
 
-    def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> None:
+    def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
         logits = self.model(x)
         loss_metric.update(self.criterion(logits, y), weight=len(y))
         acc_metric.update(logits, y)
+        return logits.argmax(1)  # (B,) predictions, for the test figures
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_loss, self.val_acc)
@@ -77,8 +78,8 @@ class CifarModule(L.LightningModule):
             self.val_acc_best.update(acc)
             self.log("val/acc_best", self.val_acc_best.compute())
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_loss, self.test_acc)
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, self.test_loss, self.test_acc)
 
     def on_test_epoch_end(self) -> None:
         self.log("test/loss", self.test_loss.compute())
@@ -96,7 +97,8 @@ class CifarModule(L.LightningModule):
 class EpochTimer(Callback):
     """Wall seconds of each training epoch (validation excluded) and training images per second.
 
-    Logged as time/epoch_s and time/train_img_per_s; the run's summary uses the median over epochs.
+    Logged as time/epoch_s and time/train_img_per_s (and time/peak_gpu_mem_gib on a GPU); the run's summary uses the
+    median over epochs.
     """
 
     def __init__(self) -> None:
@@ -132,6 +134,8 @@ class EpochTimer(Callback):
         self.img_per_s.append(self._images / seconds)
         pl_module.log("time/epoch_s", seconds)
         pl_module.log("time/train_img_per_s", self._images / seconds)
+        if pl_module.device.type == "cuda":
+            pl_module.log("time/peak_gpu_mem_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
         self._start = None
 
     def summary(self) -> dict[str, float | None]:

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab import config, data
+from cifarlab import config, data, inspection
 from cifarlab.config import ConfigError
 from cifarlab.data import DataError
 from cifarlab.model import count_parameters
@@ -134,7 +134,21 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
         "wall_s": time.perf_counter() - started,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(run_dir / FINISHED, metrics)
+    hparams = {
+        **{f"model/{k}": v for k, v in choices.items()},
+        "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
+        "lr": cfg.optimizer.lr,
+        "weight_decay": cfg.optimizer.get("weight_decay"),
+        "scheduler": (cfg.scheduler._target_ or "none").rsplit(".", 1)[-1],
+        "batch_size": cfg.data.batch_size,
+        "epochs": cfg.trainer.max_epochs,
+        "label_smoothing": cfg.label_smoothing,
+        "augment": f"flip={cfg.data.augment.flip},crop={cfg.data.augment.crop_padding}",
+        "seed": cfg.seed,
+        "data_source": arrays.source,
+    }
+    inspection.log_hparams(trainer, hparams, {k: metrics[k] for k in ("test_acc", "best_val_acc", "params", "epoch_s")})
+    write_json(run_dir / FINISHED, metrics)  # last: its presence marks the run finished
     return metrics
 
 

@@ -1,0 +1,352 @@
+"""What a run writes for TensorBoard, read back with TensorBoard's own reader, its server and a real browser."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+from cifarlab import config, data, inspection
+from conftest import REPO, compose_config, option_names, read_metrics, run_cli
+
+PAD = inspection.GRID_PADDING
+STAGE_TAGS = [f"pool/stage{i}/{side}" for i in (1, 2, 3) for side in ("before", "after", "unpool")]
+INPUT_TAGS = ["pool/input", "pool/input/configured", "pool/input/max_vs_avg", "pool/input/unpool"]
+FIGURE_TAGS = ["test/confusion_matrix", "test/per_class_acc", "test/misclassified"]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def accumulators(run_dir: Path) -> list[EventAccumulator]:
+    accs = []
+    for path in sorted(glob.glob(str(run_dir / "events.out.tfevents.*"))):
+        acc = EventAccumulator(path, size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+        acc.Reload()
+        accs.append(acc)
+    return accs
+
+
+def images(run_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """tag -> [(step, H x W x 3 uint8 pixels)], decoded from the PNGs TensorBoard stores."""
+    out: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for acc in accumulators(run_dir):
+        for tag in acc.Tags()["images"]:
+            out.setdefault(tag, []).extend(
+                (e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
+                for e in acc.Images(tag)
+            )
+    return out
+
+
+def tiles(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Cut a make_grid image (padding PAD) back into its tiles: (rows, cols, h, w, 3)."""
+    h, w = (grid.shape[0] - PAD) // rows - PAD, (grid.shape[1] - PAD) // cols - PAD
+    assert grid.shape[:2] == (rows * (h + PAD) + PAD, cols * (w + PAD) + PAD), grid.shape
+    return np.stack([
+        np.stack([grid[PAD + r * (h + PAD): PAD + r * (h + PAD) + h, PAD + c * (w + PAD): PAD + c * (w + PAD) + w]
+                  for c in range(cols)])
+        for r in range(rows)
+    ])
+
+
+@pytest.fixture(scope="module")
+def run(subset_run):
+    run_dir, _, args = subset_run
+    cfg = compose_config(*args[:-1])
+    return run_dir, cfg, images(run_dir)
+
+
+def test_every_pooling_and_figure_tag_is_written(run):
+    _, _, logged = run
+    assert set(INPUT_TAGS + STAGE_TAGS + FIGURE_TAGS) <= logged.keys(), set(INPUT_TAGS + STAGE_TAGS) - logged.keys()
+    epochs = read_metrics(run[0])["epochs"]
+    for tag in STAGE_TAGS:  # at the start, then every epoch (every_n_epochs: 1)
+        assert len(logged[tag]) == 1 + epochs, tag
+    assert all(len(logged[t]) == 1 for t in INPUT_TAGS)
+
+
+def test_input_views_show_the_same_seeded_validation_images(run, subset_root):
+    run_dir, cfg, logged = run
+    cb = cfg.callbacks.pooling_images
+    arrays = data.load_cifar10(subset_root, download=False)
+    dm = data.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
+                              256, 1000, True, False, 0, 0)
+    expected = dm.val_x[inspection.pick_images(dm.val_y, cb.per_class, cb.seed)]  # (20, 3, 32, 32) uint8
+    assert sorted(dm.val_y[inspection.pick_images(dm.val_y, cb.per_class, cb.seed)].tolist()) == sorted(
+        list(range(10)) * cb.per_class)
+    grid = logged["pool/input"][0][1]
+    shown = tiles(grid, cb.per_class, 10).reshape(-1, 32, 32, 3)
+    assert np.array_equal(shown, expected.permute(0, 2, 3, 1).numpy())
+
+
+def test_max_vs_avg_rows_are_max_and_average_pooling_of_the_images(run):
+    _, cfg, logged = run
+    per_class = cfg.callbacks.pooling_images.per_class
+    t = tiles(logged["pool/input/max_vs_avg"][0][1], 3 * per_class, 10).astype(np.float32)
+    original, maxed, avged = t[0::3], t[1::3], t[2::3]  # (per_class, 10, 32, 32, 3) each
+    x = torch.from_numpy(original).reshape(-1, 32, 32, 3).permute(0, 3, 1, 2)
+    got_max = torch.from_numpy(maxed).reshape(-1, 32, 32, 3).permute(0, 3, 1, 2)[..., ::2, ::2]  # undo the 2x zoom
+    got_avg = torch.from_numpy(avged).reshape(-1, 32, 32, 3).permute(0, 3, 1, 2)[..., ::2, ::2]
+    assert torch.equal(got_max, F.max_pool2d(x, 2))
+    assert (got_avg - F.avg_pool2d(x, 2)).abs().max() <= 1  # one grey level of rounding
+    assert not torch.equal(got_max, got_avg)
+
+
+def test_logged_after_is_the_pooling_of_the_logged_before(run):
+    """For every stage and every logged step: max-pool the 'before' tiles, get the 'after' tiles, pixel for pixel."""
+    _, cfg, logged = run
+    cb = cfg.callbacks.pooling_images
+    model = config.build_model(cfg.model)
+    before_sizes = [32] + [h for h, _ in model.feature_sizes[:-1]]  # the convs keep the size; pooling halves it
+    for i, (size_in, (size_out, _)) in enumerate(zip(before_sizes, model.feature_sizes), start=1):
+        for (step, before), (step2, after) in zip(logged[f"pool/stage{i}/before"], logged[f"pool/stage{i}/after"]):
+            assert step == step2
+            b = tiles(before, cb.maps_images, cb.channels)[..., 0]  # grey: R = G = B
+            a = tiles(after, cb.maps_images, cb.channels)[..., 0]
+            zb, za = 32 // size_in, 32 // size_out
+            assert b.shape[-1] == a.shape[-1] == 32  # small maps are zoomed to the same tile size
+            b_map = torch.from_numpy(b[..., ::zb, ::zb].astype(np.float32))  # (K, C, size_in, size_in)
+            a_map = torch.from_numpy(a[..., ::za, ::za].astype(np.float32))
+            assert torch.equal(F.max_pool2d(b_map, 2), a_map), (i, step)
+            assert b_map.std() > 10  # real feature maps, not a blank tile
+
+
+def test_unpool_is_zero_wherever_max_pooling_dropped_a_value(run):
+    _, cfg, logged = run
+    cb = cfg.callbacks.pooling_images
+    for i, size in zip((1, 2, 3), (32, 16, 8)):
+        zoom = 32 // size
+        b = tiles(logged[f"pool/stage{i}/before"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::zoom, ::zoom]
+        u = tiles(logged[f"pool/stage{i}/unpool"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::zoom, ::zoom]
+        windows_u = torch.from_numpy(u.astype(np.int32)).unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (..., 4)
+        windows_b = torch.from_numpy(b.astype(np.int32)).unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+        assert ((windows_u != 0).sum(-1) <= 1).all(), i  # at most the one kept value per window
+        kept = windows_u.max(-1).values
+        nonzero = kept > 0
+        assert torch.equal(kept[nonzero], windows_b.max(-1).values[nonzero])  # and it is the window's maximum
+        assert (u == 0).mean() >= 0.75  # three of every four values dropped
+    full = tiles(logged["pool/input/unpool"][0][1], 2 * cfg.callbacks.pooling_images.per_class, 10)
+    assert (full[1::2] == 0).mean() >= 0.75  # the input images' unpool rows too (each colour channel pools alone)
+
+
+def test_graph_has_every_layer_of_the_model(run):
+    run_dir = run[0]
+    graphs = [acc.Graph() for acc in accumulators(run_dir) if acc.Tags()["graph"]]
+    assert len(graphs) == 1
+    names = {n.name for n in graphs[0].node}
+    for scope in ("Stage[stage1]/Conv2d[conv]", "Stage[stage1]/MaxPool2d[pool]", "Stage[stage3]/MaxPool2d[pool]",
+                  "Linear[fc1]", "Linear[fc2]"):
+        assert any(scope in n for n in names), scope
+
+
+GRAPH_CASES = [(g, o) for g in config.LAYER_GROUPS for o in option_names(f"model/{g}")]
+
+
+@pytest.mark.parametrize("group,option", GRAPH_CASES, ids=[f"{g}={o}" for g, o in GRAPH_CASES])
+def test_graph_traces_for_every_option_in_eval_mode(tmp_path, group, option):
+    model = config.build_model(compose_config(f"model/{group}={option}").model).train()
+    writer = SummaryWriter(str(tmp_path))
+    inspection.log_graph(writer, model, torch.zeros(2, 3, 32, 32))
+    writer.close()
+    assert model.training  # put back as it was
+    acc = EventAccumulator(glob.glob(str(tmp_path / "events.*"))[0])
+    acc.Reload()
+    nodes = {n.name: n for n in acc.Graph().node}
+    for name, module in model.named_modules():
+        if name and not list(module.children()):  # every leaf layer shows up under its scope
+            scope = f"{type(module).__name__}[{name.rsplit('.', 1)[-1]}]"
+            assert any(scope in n for n in nodes), (name, scope)
+    # Random layers were traced with training=False: dropout(x, p, train) and rrelu(x, lower, upper, training).
+    flag_input = {"aten::dropout": 2, "aten::feature_dropout": 2, "aten::rrelu": 3}
+    random_nodes = [n for n in nodes.values() if n.op in flag_input]
+    assert len(random_nodes) == {"dropout": 4, "dropout2d": 4, "rrelu": 4}.get(option, 0)  # 3 stages + the head
+    for node in random_nodes:
+        flag = nodes[node.input[flag_input[node.op]]]
+        assert flag.op == "prim::Constant" and flag.attr["attr"].s.decode() == "{ value : 0}", node.name
+
+
+def test_histograms_and_per_class_scalars(run):
+    run_dir = run[0]
+    tags = {"histograms": set(), "scalars": set()}
+    for acc in accumulators(run_dir):
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"weights/stage1.conv.weight", "weights/stage3.conv.weight", "weights/fc1.weight"} <= tags["histograms"]
+    assert {f"test/acc_class/{c}" for c in ("airplane", "cat", "truck")} <= tags["scalars"]
+    assert {"time/epoch_s", "time/train_img_per_s"} <= tags["scalars"]
+
+
+def test_figures_are_real_images(run):
+    _, _, logged = run
+    for tag in FIGURE_TAGS:
+        pixels = logged[tag][-1][1]
+        assert pixels.shape[0] >= 300 and pixels.shape[1] >= 600, tag
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, tag  # drawn, not blank
+
+
+def hparams_written(run_dir: Path) -> tuple[dict, list[str]]:
+    """The session_start_info hparams and the experiment's metric tags, parsed from the event files."""
+    hparams, metrics = {}, []
+    for path in glob.glob(str(run_dir / "events.out.tfevents.*")):
+        for event in EventFileLoader(path).Load():
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name != "hparams":
+                    continue
+                content = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                if content.HasField("session_start_info"):
+                    for k, v in content.session_start_info.hparams.items():
+                        hparams[k] = v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                if content.HasField("experiment"):
+                    metrics += [m.name.tag for m in content.experiment.metric_infos]
+    return hparams, metrics
+
+
+def test_hparams_hold_the_choices_and_real_metrics(run):
+    run_dir, cfg, _ = run
+    hparams, metric_tags = hparams_written(run_dir)
+    assert hparams["model/pool"] == "max" and hparams["model/activation"] == "none"
+    assert hparams["model/pool.kernel_size"] == 2 and hparams["lr"] == pytest.approx(cfg.optimizer.lr)
+    assert {"optimizer", "batch_size", "epochs", "seed", "data_source", "model/norm", "model/dropout"} <= hparams.keys()
+    assert sorted(metric_tags) == ["hparams/best_val_acc", "hparams/epoch_s", "hparams/params", "hparams/test_acc"]
+    scalars = {}
+    for acc in accumulators(run_dir):
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = acc.Scalars(tag)[-1].value
+    metrics = read_metrics(run_dir)
+    assert scalars["hparams/test_acc"] == pytest.approx(metrics["test_acc"])
+    assert scalars["hparams/params"] == metrics["params"]
+    assert "hp_metric" not in scalars  # no placeholder
+
+
+def test_plain_callbacks_write_no_inspection(tmp_path):
+    run_dir = tmp_path / "plain"
+    result = run_cli("data=synthetic", "data.n_train=600", "trainer.max_epochs=1", "callbacks=plain",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not images(run_dir)
+    assert all(not acc.Tags()["graph"] and not acc.Tags()["histograms"] for acc in accumulators(run_dir))
+
+
+def test_avg_pooling_run_logs_avg_after_and_no_unpool(tmp_path):
+    run_dir = tmp_path / "avg"
+    result = run_cli("data=synthetic", "data.n_train=600", "trainer.max_epochs=1", "model/pool=avg",
+                     "model/activation=relu", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logged = images(run_dir)
+    assert not any(t.endswith("/unpool") and t.startswith("pool/stage") for t in logged)
+    cb = compose_config().callbacks.pooling_images
+    b = tiles(logged["pool/stage2/before"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::2, ::2]
+    a = tiles(logged["pool/stage2/after"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::4, ::4]
+    recomputed = F.avg_pool2d(torch.from_numpy(b.astype(np.float32)), 2)
+    assert (recomputed - torch.from_numpy(a.astype(np.float32))).abs().max() <= 1  # rounding of the shown pixels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real TensorBoard server and a real browser
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    """scripts/tensorboard.sh on the run folder; yields its base URL, stops it at the end."""
+    proc = subprocess.Popen([str(REPO / "scripts" / "tensorboard.sh"), str(run[0])], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = proc.stdout.readline()
+    assert "http://127.0.0.1:" in first, first
+    url = first.split(" at ")[1].split()[0].rstrip("/")
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/data/plugins_listing", timeout=5)
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "TensorBoard did not start"
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def get(url: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())
+
+
+def test_server_lists_images_scalars_graph_histograms_and_hparams(server, run):
+    plugins = get(f"{server}/data/plugins_listing")
+    for name in ("images", "scalars", "graphs", "histograms", "hparams"):
+        assert plugins[name]["enabled"], name
+    image_tags = get(f"{server}/data/plugin/images/tags")["."]
+    assert set(INPUT_TAGS + STAGE_TAGS + FIGURE_TAGS) <= image_tags.keys()
+    assert {"train/loss", "val/acc", "test/acc", "train/lr"} <= get(f"{server}/data/plugin/scalars/tags")["."].keys()
+    assert get(f"{server}/data/plugin/graphs/info")["."]["run_graph"]
+    assert "weights/fc1.weight" in get(f"{server}/data/plugin/histograms/tags")["."]
+    groups = get(f"{server}/data/plugin/hparams/session_groups",
+                 {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"], "colParams": [],
+                  "startIndex": 0, "sliceSize": 10})["sessionGroups"]
+    assert len(groups) == 1 and groups[0]["hparams"]["model/pool"] == "max"
+    values = {m["name"]["tag"]: m["value"] for m in groups[0]["metricValues"]}
+    assert values["hparams/test_acc"] == pytest.approx(read_metrics(run[0])["test_acc"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def screenshot(url: str, path: Path) -> np.ndarray:
+    """Headless Chromium renders `url` (letting its scripts run for 20 s of virtual time) into a PNG."""
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
+         f"--user-data-dir={path.parent / ('chromium-' + path.stem)}", "--window-size=1400,1000",
+         "--virtual-time-budget=20000", "--hide-scrollbars", f"--screenshot={path}", url],
+        check=True, capture_output=True, timeout=120,
+    )
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def photo_colours(pixels: np.ndarray) -> int:
+    """Distinct colours (5 bits per channel) below the header: hundreds for photos, a few dozen for bare UI."""
+    body = pixels[80:] // 8
+    return len(np.unique(body.reshape(-1, 3), axis=0))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium package)")
+def test_browser_shows_the_pooling_images(server, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = screenshot(f"{server}/#images", ARTIFACTS / "tensorboard_images.png")
+    assert shot.shape[:2] == (1000, 1400)
+    # Control: the same dashboard with no data renders as bare UI.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.Popen([str(REPO / "scripts" / "tensorboard.sh"), str(empty)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = proc.stdout.readline().split(" at ")[1].split()[0].rstrip("/")
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(f"{url}/data/plugins_listing", timeout=5)
+                break
+            except OSError:
+                time.sleep(0.5)
+        bare = screenshot(f"{url}/#images", tmp_path / "empty.png")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert photo_colours(bare) < 200, photo_colours(bare)
+    assert photo_colours(shot) > 3 * max(photo_colours(bare), 100), (photo_colours(shot), photo_colours(bare))
