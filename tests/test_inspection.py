@@ -6,10 +6,8 @@ import glob
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cifarlab import config, data, inspection
+from cifarlab import board, config, data, inspection
 from conftest import REPO, compose_config, option_names, read_metrics, run_cli
 
 PAD = inspection.GRID_PADDING
@@ -263,23 +261,18 @@ def test_avg_pooling_run_logs_avg_after_and_no_unpool(tmp_path):
 
 @pytest.fixture(scope="module")
 def server(run):
-    """scripts/tensorboard.sh on the run folder; yields its base URL, stops it at the end."""
+    """scripts/tensorboard.sh (the command a user types) on the run folder; yields its base URL, stops it after."""
     proc = subprocess.Popen([str(REPO / "scripts" / "tensorboard.sh"), str(run[0])], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    first = proc.stdout.readline()
-    assert "http://127.0.0.1:" in first, first
-    url = first.split(" at ")[1].split()[0].rstrip("/")
-    deadline = time.time() + 90
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/data/plugins_listing", timeout=5)
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "TensorBoard did not start"
-            time.sleep(0.5)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        first = proc.stdout.readline()
+        assert f"TensorBoard for {run[0]} at http://127.0.0.1:" in first, first
+        url = first.split(" at ")[1].split()[0].rstrip("/")
+        board.wait_until_up(url, proc)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 def get(url: str, body: dict | None = None) -> dict:
@@ -305,48 +298,27 @@ def test_server_lists_images_scalars_graph_histograms_and_hparams(server, run):
     assert values["hparams/test_acc"] == pytest.approx(read_metrics(run[0])["test_acc"])
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def screenshot(url: str, path: Path) -> np.ndarray:
-    """Headless Chromium renders `url` (letting its scripts run for 20 s of virtual time) into a PNG."""
-    subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic",
-         f"--user-data-dir={path.parent / ('chromium-' + path.stem)}", "--window-size=1400,1000",
-         "--virtual-time-budget=20000", "--hide-scrollbars", f"--screenshot={path}", url],
-        check=True, capture_output=True, timeout=120,
-    )
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def photo_colours(pixels: np.ndarray) -> int:
     """Distinct colours (5 bits per channel) below the header: hundreds for photos, a few dozen for bare UI."""
     body = pixels[80:] // 8
     return len(np.unique(body.reshape(-1, 3), axis=0))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's chromium package)")
+@pytest.mark.skipif(board.chromium() is None, reason="chromium not installed (.ci/run installs Debian's chromium)")
 def test_browser_shows_the_pooling_images(server, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
-    shot = screenshot(f"{server}/#images", ARTIFACTS / "tensorboard_images.png")
+    shot = np.asarray(Image.open(board.screenshot(f"{server}/#images", ARTIFACTS / "tensorboard_images.png")))
     assert shot.shape[:2] == (1000, 1400)
     # Control: the same dashboard with no data renders as bare UI.
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = subprocess.Popen([str(REPO / "scripts" / "tensorboard.sh"), str(empty)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        url = proc.stdout.readline().split(" at ")[1].split()[0].rstrip("/")
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(f"{url}/data/plugins_listing", timeout=5)
-                break
-            except OSError:
-                time.sleep(0.5)
-        bare = screenshot(f"{url}/#images", tmp_path / "empty.png")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    with board.serve(empty) as url:
+        bare = np.asarray(Image.open(board.screenshot(f"{url}/#images", tmp_path / "empty.png")))
     assert photo_colours(bare) < 200, photo_colours(bare)
     assert photo_colours(shot) > 3 * max(photo_colours(bare), 100), (photo_colours(shot), photo_colours(bare))
+
+
+def test_tensorboard_refuses_a_missing_folder(tmp_path):
+    result = subprocess.run([str(REPO / "scripts" / "tensorboard.sh"), str(tmp_path / "nope")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "does not exist" in result.stderr

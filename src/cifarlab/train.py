@@ -143,7 +143,7 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
         "batch_size": cfg.data.batch_size,
         "epochs": cfg.trainer.max_epochs,
         "label_smoothing": cfg.label_smoothing,
-        "augment": f"flip={cfg.data.augment.flip},crop={cfg.data.augment.crop_padding}",
+        "augment": f"flip={str(cfg.data.augment.flip).lower()},crop={cfg.data.augment.crop_padding}",
         "seed": cfg.seed,
         "data_source": arrays.source,
     }
