@@ -32,6 +32,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 def test_run_folder_holds_config_events_checkpoints_and_metrics(subset_run):
     run_dir, _, _ = subset_run
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not (run_dir / ".running").exists()  # released at the end
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert glob.glob(str(run_dir / "events.out.tfevents.*"))
     metrics = read_metrics(run_dir)
@@ -85,10 +86,21 @@ def test_test_accuracy_is_the_best_checkpoints(subset_run, subset_root):
 
 def test_a_finished_run_folder_is_never_overwritten(subset_run, tmp_path):
     run_dir, _, args = subset_run
-    before = (run_dir / "metrics.json").read_bytes()
-    result = run_cli(*args, cwd=tmp_path, timeout=120)
+    kept = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    result = run_cli(*args, "model/pool=avg", cwd=tmp_path, timeout=120)  # even with other choices
     assert result.returncode == 2 and "holds a finished run" in result.stderr
-    assert (run_dir / "metrics.json").read_bytes() == before
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == kept  # .hydra/ config included
+
+
+def test_a_folder_in_use_by_another_run_is_refused(tmp_path, subset_root):
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / ".running").write_text("pid 12345 since 2026-11-22T00:00:00+00:00\n")
+    result = run_cli(f"data.root={subset_root}", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "another run is using this folder" in result.stderr and "pid 12345" in result.stderr
+    assert (run_dir / ".running").read_text().startswith("pid 12345")  # the other run's lock is left alone
+    assert not (run_dir / "checkpoints").exists()
 
 
 def test_same_config_and_seed_give_the_same_metrics(tmp_path, subset_root):

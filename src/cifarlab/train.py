@@ -6,6 +6,7 @@ compose the config -> check it and build the layer factories and model (config.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,6 +39,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 )
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 FINISHED = "metrics.json"  # its presence marks a finished run
+RUNNING = ".running"  # held while a run uses its folder (created exclusively), so two runs never share one
 
 
 def print_config_tree(cfg: DictConfig) -> None:
@@ -67,10 +70,44 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
-def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None) -> dict[str, Any]:
-    started = time.perf_counter()
+class KeepFinishedRuns(Callback):
+    """Hydra writes .hydra/*.yaml into the run folder before the task starts; refuse a finished folder before that,
+    so a finished run's record of its config is never replaced."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+        except Exception:  # interpolations that only resolve inside the job: the task's own check covers them
+            return
+        if (run_dir / FINISHED).exists():
+            print(f"error: hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path):
+    """Hold the run folder for this run alone; refuse a folder that holds a finished run or one in progress."""
     if (run_dir / FINISHED).exists():
         raise ConfigError(f"hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder")
+    lock = run_dir / RUNNING
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir}: another run is using this folder ({lock}: {lock.read_text().strip()}); "
+            f"if that run is dead, delete {lock} first"
+        ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
 
     # Everything a user can get wrong in the config is refused here, before any data is read.
     config.check_recipe(cfg)
@@ -158,7 +195,8 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(runtime.output_dir)
     print_config_tree(cfg)
     try:
-        metrics = train(cfg, run_dir, dict(runtime.choices))
+        with claim(run_dir):
+            metrics = train(cfg, run_dir, dict(runtime.choices))
     except (ConfigError, DataError) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
