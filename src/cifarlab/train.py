@@ -7,11 +7,14 @@ compose the config -> check it and build the layer factories and model (config.p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import socket
 import sys
 import time
+import traceback
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +24,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +44,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 FINISHED = "metrics.json"  # its presence marks a finished run
 RUNNING = ".running"  # held while a run uses its folder (created exclusively), so two runs never share one
+FAILED = "failed.json"  # a sweep job that raised: its error, so the sweep goes on and the report can say why
 
 
 def print_config_tree(cfg: DictConfig) -> None:
@@ -99,15 +104,72 @@ def claim(run_dir: Path):
             f"if that run is dead, delete {lock} first"
         ) from None
     with os.fdopen(fd, "w") as f:
-        f.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)
 
 
+def lock_is_stale(run_dir: Path) -> bool:
+    """The folder's lock names a process on this machine that no longer exists (a killed run)."""
+    words = (run_dir / RUNNING).read_text().split()
+    if len(words) < 4 or words[0] != "pid" or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move what a dead attempt left (events, checkpoints, log, lock) into attempt-<time>/: kept, not mixed in."""
+    attempt = run_dir / f"attempt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    attempt.mkdir()
+    for path in run_dir.iterdir():
+        if path.name not in (".hydra", attempt.name) and not path.name.startswith("attempt-"):
+            path.rename(attempt / path.name)
+    return attempt
+
+
+def config_sha(cfg: DictConfig) -> str:
+    """What makes two jobs the same job: the resolved config, less the thread count."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("threads", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> float:
+    """One job of a -m sweep. Run again, a sweep skips its finished jobs, re-runs failed and killed ones, and one
+    failing job never stops the others. Returns test accuracy (what an Optuna sweeper maximises), NaN on failure."""
+    finished = run_dir / FINISHED
+    if finished.exists():
+        done = json.loads(finished.read_text())
+        if done.get("config_sha") == config_sha(cfg):
+            log.info("%s: finished before (test/acc %.4f); skipped", run_dir.name, done["test_acc"])
+            return done["test_acc"]
+        log.error("%s: holds a finished run of another config (see its config.yaml); left alone", run_dir)
+        return float("nan")
+    if (run_dir / RUNNING).exists() and lock_is_stale(run_dir):
+        log.warning("%s: an earlier attempt was killed; its files are kept in %s", run_dir, set_aside(run_dir).name)
+    (run_dir / FAILED).unlink(missing_ok=True)
+    try:
+        with claim(run_dir):
+            return train(cfg, run_dir, option_names)["test_acc"]
+    except Exception as e:
+        write_json(run_dir / FAILED, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+        log.error("%s failed, the sweep goes on: %s: %s", run_dir.name, type(e).__name__, e)
+        return float("nan")
+
+
 def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
 
     # Everything a user can get wrong in the config is refused here, before any data is read.
     config.check_recipe(cfg)
@@ -168,6 +230,8 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
         "device": str(trainer.strategy.root_device),
         "choices": choices,
         "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run_dir) if has_best else None,
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "config_sha": config_sha(cfg),
         "wall_s": time.perf_counter() - started,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -185,6 +249,7 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
         "data_source": arrays.source,
     }
     inspection.log_hparams(trainer, hparams, {k: metrics[k] for k in ("test_acc", "best_val_acc", "params", "epoch_s")})
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # kept with the results, resolved
     write_json(run_dir / FINISHED, metrics)  # last: its presence marks the run finished
     return metrics
 
@@ -193,6 +258,8 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
 def main(cfg: DictConfig) -> float | None:
     runtime = HydraConfig.get().runtime
     run_dir = Path(runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return sweep_job(cfg, run_dir, dict(runtime.choices))
     print_config_tree(cfg)
     try:
         with claim(run_dir):

@@ -1,0 +1,248 @@
+"""cifarlab-report: a sweep folder -> one row per configuration (mean +- std over seeds), a plot, and the same in
+TensorBoard.
+
+    cifarlab-report outputs/multirun/<date>/<time>
+
+Writes report.md, report.csv and report.png into the sweep folder, and a TensorBoard run in <sweep>/report/ (the
+table as text, the plot as an image), then prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+FINISHED, FAILED = "metrics.json", "failed.json"
+# The documented model: what every row is compared with.
+BASELINE = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
+IGNORED_KEYS = ("seed", "hydra.", "launcher", "sweep", "threads", "hparams_search")
+
+
+@dataclass
+class Job:
+    folder: Path
+    key: tuple[tuple[str, str], ...]  # the overrides that place it in the grid, seed excluded
+    seed: int | None
+    metrics: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    key: tuple[tuple[str, str], ...]
+    jobs: list[Job] = field(default_factory=list)
+
+    def values(self, name: str) -> list[float]:
+        return [j.metrics[name] for j in self.jobs if j.metrics and j.metrics.get(name) is not None]
+
+    def mean(self, name: str) -> float:
+        v = self.values(name)
+        return statistics.fmean(v) if v else math.nan
+
+    def std(self, name: str) -> float:
+        v = self.values(name)
+        return statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan
+
+    @property
+    def done(self) -> int:
+        return sum(1 for j in self.jobs if j.metrics)
+
+    @property
+    def failed(self) -> list[Job]:
+        return [j for j in self.jobs if not j.metrics]
+
+    def is_baseline(self) -> bool:
+        choices = next((j.metrics["choices"] for j in self.jobs if j.metrics), None)
+        return choices is not None and all(choices.get(k) == v for k, v in BASELINE.items())
+
+    def label(self) -> str:
+        short = lambda k: k.split("/")[-1] if "/" in k else k.removeprefix("model.")  # noqa: E731
+        return " ".join(f"{short(k)}={v}" for k, v in self.key) or "(as configured)"
+
+
+def _override(text: str) -> tuple[str, str]:
+    key, _, value = text.lstrip("+~").partition("=")
+    return key, value
+
+
+def read_job(folder: Path) -> Job | None:
+    """A job folder: one with metrics.json (finished), failed.json (raised), or .hydra/ only (never finished)."""
+    if not (folder / ".hydra").is_dir():
+        return None
+    metrics = json.loads((folder / FINISHED).read_text()) if (folder / FINISHED).exists() else None
+    if metrics is not None:
+        overrides = metrics.get("overrides", [])
+    else:
+        overrides = [line[2:].strip() for line in (folder / ".hydra" / "overrides.yaml").read_text().splitlines()
+                     if line.startswith("- ")]
+    pairs = [_override(o) for o in overrides]
+    seed = next((int(v) for k, v in pairs if k == "seed"), metrics.get("seed") if metrics else None)
+    key = tuple((k, v) for k, v in pairs if not k.startswith(IGNORED_KEYS))  # in the grid's own axis order
+    error = None
+    if metrics is None:
+        error = json.loads((folder / FAILED).read_text())["error"] if (folder / FAILED).exists() else "did not finish"
+    return Job(folder, key, seed, metrics, error)
+
+
+def collect(sweep: Path) -> list[Row]:
+    jobs = [j for f in sorted(sweep.iterdir()) if f.is_dir() and (j := read_job(f))]
+    if not jobs:
+        raise SystemExit(f"error: {sweep}: no job folders (folders holding .hydra/) found")
+    # Keep only the overrides that differ between jobs: those are the grid's axes.
+    keys = {k for j in jobs for k, _ in j.key}
+    varying = {k for k in keys if len({dict(j.key).get(k) for j in jobs}) > 1}
+    rows: dict[tuple, Row] = {}
+    for j in jobs:
+        j.key = tuple((k, v) for k, v in j.key if k in varying)
+        rows.setdefault(j.key, Row(j.key)).jobs.append(j)
+    return sorted(rows.values(), key=lambda r: (-r.mean("test_acc") if r.done else math.inf, r.label()))
+
+
+def _pct(x: float) -> str:
+    return "—" if math.isnan(x) else f"{100 * x:.2f}"
+
+
+def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    baseline = next((r for r in rows if r.is_baseline()), None)
+    header = ["configuration", "test acc % (mean ± std)", "Δ vs baseline", "best val acc %", "params", "s/epoch",
+              "seeds", "failed"]
+    body = []
+    for r in rows:
+        delta = "baseline" if r is baseline else (
+            "—" if baseline is None or not r.done else f"{100 * (r.mean('test_acc') - baseline.mean('test_acc')):+.2f}")
+        params = r.values("params")
+        body.append([
+            r.label() + (" (documented model)" if r is baseline else ""),
+            f"{_pct(r.mean('test_acc'))} ± {_pct(r.std('test_acc'))}",
+            delta,
+            f"{_pct(r.mean('best_val_acc'))} ± {_pct(r.std('best_val_acc'))}",
+            f"{int(params[0]):,}" if params else "—",
+            f"{r.mean('epoch_s'):.2f}" if r.done else "—",
+            str(r.done),
+            str(len(r.failed)),
+        ])
+    return header, body
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    axes = [k for k, _ in rows[0].key] if rows and rows[0].key else []
+    done = [r for r in rows if r.done]
+    if len(axes) == 2 and done:
+        a, b = axes
+        xs = sorted({dict(r.key)[b] for r in rows})
+        ys = sorted({dict(r.key)[a] for r in rows})
+        grid = np.full((len(ys), len(xs)), np.nan)
+        for r in done:
+            grid[ys.index(dict(r.key)[a]), xs.index(dict(r.key)[b])] = 100 * r.mean("test_acc")
+        fig, ax = plt.subplots(figsize=(1.1 * len(xs) + 3, 0.8 * len(ys) + 2))
+        im = ax.imshow(grid, cmap="viridis")
+        ax.set_xticks(range(len(xs)), xs, rotation=45, ha="right"), ax.set_yticks(range(len(ys)), ys)
+        ax.set_xlabel(b.split("/")[-1]), ax.set_ylabel(a.split("/")[-1])
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w" if v < np.nanmean(grid) else "k",
+                        fontsize=8)
+        fig.colorbar(im, ax=ax, label="test accuracy % (mean over seeds)")
+    else:
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(done) + 2), 4.5))
+        ax.bar(range(len(done)), [100 * r.mean("test_acc") for r in done],
+               yerr=[100 * r.std("test_acc") for r in done], capsize=3,
+               color=["tab:orange" if r.is_baseline() else "tab:blue" for r in done])
+        ax.set_xticks(range(len(done)), [r.label() for r in done], rotation=45, ha="right")
+        ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+    ax.set_title(path.parent.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(sweep: Path, rows: list[Row], header: list[str], body: list[list[str]]) -> str:
+    jobs = [j for r in rows for j in r.jobs]
+    sources = sorted({j.metrics["data_source"] for j in jobs if j.metrics})
+    epochs = sorted({j.metrics["epochs"] for j in jobs if j.metrics})
+    lines = [
+        f"# Sweep report: {sweep.name}",
+        "",
+        f"- folder: `{sweep}`",
+        f"- data: {', '.join(f'`{s}`' for s in sources) or '—'}; epochs: {', '.join(map(str, epochs)) or '—'}",
+        f"- jobs: {len(jobs)} ({sum(1 for j in jobs if j.metrics)} finished, "
+        f"{sum(1 for j in jobs if not j.metrics)} failed or unfinished); rows sorted by mean test accuracy",
+        "- test accuracy is that of each job's best-validation checkpoint; ± is the standard deviation over seeds",
+        "",
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
+        *("| " + " | ".join(row) + " |" for row in body),
+    ]
+    failed = [j for j in jobs if not j.metrics]
+    if failed:
+        lines += ["", "## Failed or unfinished jobs", ""]
+        lines += [f"- `{j.folder.name}`: {j.error}" for j in failed]
+    lines += ["", f"![accuracy per configuration](report.png)", ""]
+    return "\n".join(lines)
+
+
+def write_tensorboard(sweep: Path, text: str, png: Path) -> None:
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(sweep / "report")) as writer:
+        writer.add_text("sweep/report", text)
+        writer.add_image("sweep/accuracy", np.asarray(Image.open(png).convert("RGB")), dataformats="HWC")
+
+
+def report(sweep: Path) -> list[Row]:
+    rows = collect(sweep)
+    header, body = table(rows)
+    text = markdown(sweep, rows, header, body)
+    (sweep / "report.md").write_text(text)
+    with open(sweep / "report.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["configuration", "test_acc_mean", "test_acc_std", "delta_vs_baseline", "best_val_acc_mean",
+                         "best_val_acc_std", "params", "epoch_s", "seeds", "failed"])
+        baseline = next((r for r in rows if r.is_baseline()), None)
+        for r in rows:
+            delta = r.mean("test_acc") - baseline.mean("test_acc") if baseline else math.nan
+            params = r.values("params")
+            writer.writerow([r.label(), r.mean("test_acc"), r.std("test_acc"), delta, r.mean("best_val_acc"),
+                             r.std("best_val_acc"), int(params[0]) if params else "", r.mean("epoch_s"), r.done,
+                             len(r.failed)])
+    plot(rows, sweep / "report.png")
+    write_tensorboard(sweep, text, sweep / "report.png")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sweep", type=Path, help="the folder a -m run printed (outputs/multirun/<date>/<time>)")
+    args = p.parse_args()
+    if not args.sweep.is_dir():
+        raise SystemExit(f"error: {args.sweep}: no such folder")
+    rows = report(args.sweep)
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = table(rows)
+    t = Table(title=f"{args.sweep}  (test accuracy of the best checkpoint, % over seeds)")
+    for i, h in enumerate(header):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for row in body:
+        t.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
+    print(f"wrote {args.sweep / 'report.md'}, report.csv, report.png and a TensorBoard run in {args.sweep / 'report'}")
+
+
+if __name__ == "__main__":
+    main()

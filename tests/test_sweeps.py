@@ -1,0 +1,126 @@
+"""Sweeps: every named grid runs, jobs land in their own folders, a re-run resumes, failures are reported."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from cifarlab import report
+from conftest import CONFIG_DIR, option_names, read_metrics, run_cli
+
+# A job shrunk to seconds: made-up data, one batch of each split, no inspection.
+TINY = ["data=synthetic", "data.n_train=300", "data.n_test=100", "trainer.max_epochs=1",
+        "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+        "callbacks=plain"]
+REPORT = Path(sys.executable).parent / "cifarlab-report"
+
+
+def sweep_params(name: str) -> dict[str, str]:
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        cfg = compose("train", overrides=[f"sweep={name}"], return_hydra_config=True)
+    return dict(cfg.hydra.sweeper.params)
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    return sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+
+
+@pytest.mark.parametrize("name", option_names("sweep"))
+def test_every_named_grid_runs_one_job_per_configuration(tmp_path, name):
+    params = sweep_params(name)
+    assert params.pop("seed") == "0,1,2"
+    expected = math.prod(len(v.split(",")) for v in params.values())
+    sweep = tmp_path / name
+    result = run_cli("-m", f"sweep={name}", "hydra.sweeper.params.seed=0", *TINY, f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = job_folders(sweep)
+    assert len(folders) == expected
+    assert all((f / "metrics.json").exists() for f in folders)
+    # Each folder is named by its place in the grid and its choices; no two jobs share one.
+    for f in folders:
+        m = read_metrics(f)
+        c = m["choices"]
+        assert f.name == f"{f.name.split('_')[0]}_{c['pool']}-{c['activation']}-{c['norm']}-{c['dropout']}_s{m['seed']}"
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+    """2 x 2 grid, 2 seeds, one configuration made to fail (a pooling that leaves nothing)."""
+    work = tmp_path_factory.mktemp("sweep")
+    sweep = work / "grid"
+    args = ["-m", "model/pool=max,avg", "model.pool.kernel_size=2,40", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
+    result = run_cli(*args, cwd=work, timeout=600)
+    return work, sweep, args, result
+
+
+def test_a_failing_job_does_not_stop_the_others(small_sweep):
+    _, sweep, _, result = small_sweep
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = job_folders(sweep)
+    assert len(folders) == 8
+    failed = [f for f in folders if (f / "failed.json").exists()]
+    finished = [f for f in folders if (f / "metrics.json").exists()]
+    assert len(failed) == 4 and len(finished) == 4
+    error = json.loads((failed[0] / "failed.json").read_text())["error"]
+    assert error.startswith("ConfigError: model.pool.kernel_size=40") and "shrinks a feature map to nothing" in error
+
+
+def test_report_has_one_row_per_configuration_a_plot_and_a_tensorboard_run(small_sweep):
+    work, sweep, _, _ = small_sweep
+    result = subprocess.run([str(REPORT), str(sweep)], capture_output=True, text=True, timeout=120, cwd=work)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert len(rows) == 4
+    by_config = {r["configuration"]: r for r in rows}
+    assert set(by_config) == {f"pool={p} pool.kernel_size={k}" for p in ("max", "avg") for k in (2, 40)}
+    ok = by_config["pool=max pool.kernel_size=2"]
+    assert ok["seeds"] == "2" and ok["failed"] == "0" and float(ok["delta_vs_baseline"]) == 0.0  # the baseline
+    accs = [read_metrics(f)["test_acc"] for f in job_folders(sweep) if f.name.endswith(("max-none-none-none_s0",
+                                                                                         "max-none-none-none_s1"))
+            and (f / "metrics.json").exists()]
+    assert float(ok["test_acc_mean"]) == pytest.approx(sum(accs) / 2)
+    assert by_config["pool=avg pool.kernel_size=40"]["failed"] == "2"
+    assert by_config["pool=avg pool.kernel_size=40"]["seeds"] == "0"
+    text = (sweep / "report.md").read_text()
+    assert "(documented model)" in text and "## Failed or unfinished jobs" in text and "kernel_size=40" in text
+    assert "`synthetic`" in text  # the data is named next to the numbers
+    assert Image.open(sweep / "report.png").size[0] > 300
+    assert list((sweep / "report").glob("events.out.tfevents.*"))
+    assert "test acc" in result.stdout  # the table, printed
+
+
+def test_running_the_sweep_again_skips_finished_jobs_and_retries_the_rest(small_sweep):
+    work, sweep, args, _ = small_sweep
+    folders = job_folders(sweep)
+    finished = {f: (f / "metrics.json").stat().st_mtime_ns for f in folders if (f / "metrics.json").exists()}
+    # Make one finished job look killed mid-run: no metrics.json, a lock left by a process that is gone.
+    killed = sorted(finished)[0]
+    (killed / "metrics.json").unlink()
+    del finished[killed]
+    (killed / ".running").write_text(f"pid 99999999 on {os.uname().nodename} since 2026-01-01T00:00:00+00:00\n")
+    result = run_cli(*args, cwd=work, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("finished before") + result.stdout.count("finished before") == 3
+    for f, mtime in finished.items():
+        assert (f / "metrics.json").stat().st_mtime_ns == mtime  # untouched
+    assert (killed / "metrics.json").exists() and not (killed / ".running").exists()  # re-run to the end
+    attempts = list(killed.glob("attempt-*"))
+    assert len(attempts) == 1 and (attempts[0] / "checkpoints").is_dir()  # the killed attempt kept, set aside
+    assert sum((f / "failed.json").exists() for f in job_folders(sweep)) == 4  # tried again, failed again
+
+
+def test_ad_hoc_grids_still_work(tmp_path):
+    sweep = tmp_path / "adhoc"
+    result = run_cli("-m", "model/norm=none,batchnorm", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [read_metrics(f)["choices"]["norm"] for f in job_folders(sweep)] == ["none", "batchnorm"]
