@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from cifarlab import config
 from cifarlab.config import ConfigError
@@ -66,6 +67,15 @@ def test_refused_with_a_message_naming_key_value_and_rule(overrides, message):
     text = refusal(*overrides)
     assert re.search(message, text), text
     assert "\n" not in text
+
+
+def test_a_schedule_torch_cannot_build_is_refused_with_what_to_change():
+    cfg = compose_config()
+    scheduler = config.build_scheduler(cfg.scheduler)
+    optimizer = config.build_optimizer(cfg.optimizer)(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(ConfigError, match=r"scheduler=OneCycleLR cannot schedule 4 training steps .*pct_start=0.25"):
+        scheduler(optimizer, 4)
+    assert scheduler(optimizer, 5).total_steps == 5
 
 
 def test_valid_geometry_is_accepted():

@@ -124,3 +124,70 @@ def test_ad_hoc_grids_still_work(tmp_path):
     result = run_cli("-m", "model/norm=none,batchnorm", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [read_metrics(f)["choices"]["norm"] for f in job_folders(sweep)] == ["none", "batchnorm"]
+
+
+def test_parallel_launcher_runs_jobs_in_separate_processes(tmp_path):
+    sweep = tmp_path / "parallel"
+    result = run_cli("-m", "launcher=parallel", "model/pool=max,avg", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    folders = job_folders(sweep)
+    assert len(folders) == 2 and all((f / "metrics.json").exists() for f in folders)
+    assert [read_metrics(f)["threads"] for f in folders] == [1, 1]  # cores / jobs, so the two do not fight
+
+
+def test_slurm_launcher_and_ddp_trainer_compose():
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIG_DIR)):
+        slurm = compose("train", overrides=["launcher=slurm"], return_hydra_config=True)
+        ddp = compose("train", overrides=["trainer=ddp"])
+    assert slurm.hydra.launcher._target_.endswith("SlurmLauncher") and slurm.hydra.launcher.gpus_per_node == 1
+    assert slurm.trainer.devices == 1 and slurm.hydra.launcher.tasks_per_node == 1
+    assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2 and ddp.trainer.sync_batchnorm
+
+
+def test_optuna_search_runs_trials_and_continues_its_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", *TINY]
+    for i in (1, 2):
+        result = run_cli(*common, f"hydra.sweep.dir={tmp_path / f's{i}'}", cwd=tmp_path, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(job_folders(tmp_path / f"s{i}")) == 2
+    import optuna
+
+    study = optuna.load_study(study_name="cifarlab", storage=storage)
+    assert len(study.trials) == 4  # the second run continued the study
+    assert {"optimizer.lr", "optimizer.weight_decay", "model.dropout.p"} == set(study.trials[0].params)
+    values = [t.value for t in study.trials]
+    metrics = [read_metrics(f)["best_val_acc"] for i in (1, 2) for f in job_folders(tmp_path / f"s{i}")]
+    assert sorted(values) == pytest.approx(sorted(metrics))  # it maximises validation accuracy, never test
+
+
+def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "ddp"
+    result = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data=synthetic",
+                     "data.n_train=2000", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "callbacks=plain",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    # 1800 training images, 2 processes, batch 256 each: 3 steps an epoch.
+    assert metrics["steps"] == 2 * ((metrics["n_train"] // 2) // 256) == 6
+    assert result.stdout.count("test/acc ") == 1  # one process reports
+    losses = []
+    for path in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        if "train/loss" in acc.Tags()["scalars"]:
+            losses += [e.step for e in acc.Scalars("train/loss")]
+    assert sorted(losses) == list(range(6))  # each step once, not once per process
+
+
+def test_ddp_inside_a_sweep_is_refused_per_job(tmp_path):
+    sweep = tmp_path / "s"
+    result = run_cli("-m", "trainer=ddp", "trainer.accelerator=cpu", "model/pool=max,avg", *TINY,
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0
+    for f in job_folders(sweep):
+        assert "trainer.strategy=ddp inside a -m sweep" in json.loads((f / "failed.json").read_text())["error"]

@@ -260,7 +260,14 @@ def build_scheduler(node: DictConfig) -> Callable | None:
         raise ConfigError(f"scheduler._target_={target}: only schedulers taking total_steps or T_max are supported")
 
     def build(optimizer, total_steps: int):
-        return cls(optimizer, **args, **{steps_arg: total_steps})
+        try:
+            return cls(optimizer, **args, **{steps_arg: total_steps})
+        except ZeroDivisionError:  # OneCycleLR when pct_start x total_steps is exactly 1
+            raise ConfigError(
+                f"scheduler={target.rsplit('.', 1)[-1]} cannot schedule {total_steps} training steps "
+                f"(scheduler.pct_start={args.get('pct_start')} gives a warm-up of one step, which torch divides by); "
+                "change scheduler.pct_start, trainer.max_epochs or data.batch_size"
+            ) from None
 
     return build
 

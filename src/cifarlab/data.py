@@ -264,27 +264,33 @@ class DeviceBatches:
         epoch: Callable[[], int] = lambda: 0,
         flip: bool = False,
         crop_padding: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.images, self.labels, self.batch_size, self.transform = images, labels, batch_size, transform
         self.train, self.seed, self.epoch, self.flip, self.crop_padding = train, seed, epoch, flip, crop_padding
+        self.rank, self.world = rank, world  # under DDP each process takes every world-th image from rank on
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = len(range(self.rank, len(self.labels), self.world)) if not self.train else len(self.labels) // self.world
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)  # training drops the tail
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n, bs = len(self.labels), self.batch_size
+        bs = self.batch_size
         if not self.train:
-            for i in range(0, n, bs):
-                yield self.transform(self.images[i : i + bs]), self.labels[i : i + bs]
+            images, labels = self.images[self.rank :: self.world], self.labels[self.rank :: self.world]
+            for i in range(0, len(labels), bs):
+                yield self.transform(images[i : i + bs]), labels[i : i + bs]
             return
         epoch = self.epoch()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        order = order.to(self.images.device)
+        # Same permutation on every rank (same seed), then each rank its own slice of it.
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        order = order[self.rank :: self.world][: len(self.labels) // self.world].to(self.images.device)
         for b in range(len(self)):
             idx = order[b * bs : (b + 1) * bs]
             x = self.images[idx].float().div_(255)  # (B, 3, 32, 32) in [0, 1]
-            g = torch.Generator(device=x.device).manual_seed((self.seed * 100_003 + epoch) * 100_003 + b)
+            step = (self.seed * 100_003 + epoch) * 100_003 + b
+            g = torch.Generator(device=x.device).manual_seed(step * self.world + self.rank)
             if self.crop_padding:
                 x = random_crop(x, self.crop_padding, g)
             if self.flip:
@@ -362,6 +368,11 @@ class CifarDataModule(L.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def _shard(self) -> dict[str, int]:
+        if self.trainer is None:
+            return {"rank": 0, "world": 1}
+        return {"rank": self.trainer.global_rank, "world": self.trainer.world_size}
+
     def train_dataloader(self) -> DeviceBatches:
         return DeviceBatches(
             self.train_x,
@@ -373,10 +384,11 @@ class CifarDataModule(L.LightningDataModule):
             epoch=self._epoch,
             flip=self.flip,
             crop_padding=self.crop_padding,
+            **self._shard(),
         )
 
     def val_dataloader(self) -> DeviceBatches:
-        return DeviceBatches(self.val_x, self.val_y, self.eval_batch_size, self.normalizer)
+        return DeviceBatches(self.val_x, self.val_y, self.eval_batch_size, self.normalizer, **self._shard())
 
     def test_dataloader(self) -> DeviceBatches:
-        return DeviceBatches(self.test_x, self.test_y, self.eval_batch_size, self.normalizer)
+        return DeviceBatches(self.test_x, self.test_y, self.eval_batch_size, self.normalizer, **self._shard())

@@ -56,7 +56,7 @@ class CifarModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.train_acc.compute())
+        self.log("train/acc", self.train_acc.compute(), sync_dist=True)
         self.train_acc.reset()
 
     def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
@@ -71,19 +71,20 @@ class CifarModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
-        self.log("val/loss", self.val_loss.compute())
-        self.log("val/acc", acc, prog_bar=True)
+        # compute() has already combined every DDP process's share; sync_dist only quiets Lightning's warning
+        self.log("val/loss", self.val_loss.compute(), sync_dist=True)
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
         self.val_loss.reset(), self.val_acc.reset()
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(acc)
-            self.log("val/acc_best", self.val_acc_best.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, self.test_loss, self.test_acc)
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/loss", self.test_loss.compute())
-        self.log("test/acc", self.test_acc.compute())
+        self.log("test/loss", self.test_loss.compute(), sync_dist=True)
+        self.log("test/acc", self.test_acc.compute(), sync_dist=True)
         self.test_loss.reset(), self.test_acc.reset()
 
     def configure_optimizers(self) -> Any:

@@ -143,23 +143,35 @@ def config_sha(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def is_ddp_child() -> bool:
+    """Lightning starts DDP ranks 1.. by running this command again with LOCAL_RANK set; rank 0 owns the folder."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
+
+
 def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> float:
     """One job of a -m sweep. Run again, a sweep skips its finished jobs, re-runs failed and killed ones, and one
-    failing job never stops the others. Returns test accuracy (what an Optuna sweeper maximises), NaN on failure."""
+    failing job never stops the others. Returns the best validation accuracy (what an Optuna search maximises: never
+    the test set, which would overstate the result), NaN on failure."""
     finished = run_dir / FINISHED
     if finished.exists():
         done = json.loads(finished.read_text())
         if done.get("config_sha") == config_sha(cfg):
             log.info("%s: finished before (test/acc %.4f); skipped", run_dir.name, done["test_acc"])
-            return done["test_acc"]
+            return done["best_val_acc"]
         log.error("%s: holds a finished run of another config (see its config.yaml); left alone", run_dir)
         return float("nan")
     if (run_dir / RUNNING).exists() and lock_is_stale(run_dir):
         log.warning("%s: an earlier attempt was killed; its files are kept in %s", run_dir, set_aside(run_dir).name)
     (run_dir / FAILED).unlink(missing_ok=True)
     try:
+        if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+            raise ConfigError(
+                "trainer.strategy=ddp inside a -m sweep: Lightning re-runs the command for each rank with "
+                "hydra.run.dir, which a sweep job does not use, so ranks would land in another folder; run "
+                "single-device jobs (launcher=slurm gives each its own GPU) or trainer=ddp without -m"
+            )
         with claim(run_dir):
-            return train(cfg, run_dir, option_names)["test_acc"]
+            return train(cfg, run_dir, option_names)["best_val_acc"]
     except Exception as e:
         write_json(run_dir / FAILED, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         log.error("%s failed, the sweep goes on: %s: %s", run_dir.name, type(e).__name__, e)
@@ -213,6 +225,8 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
     best_val = checkpoint.best_model_score if has_best else None
+    if not trainer.is_global_zero:  # DDP ranks 1..: rank 0 writes the results
+        return {}
     metrics = {
         "test_acc": test["test/acc"],
         "test_loss": test["test/loss"],
@@ -228,6 +242,7 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
         "n_test": len(datamodule.test_y),
         "seed": cfg.seed,
         "device": str(trainer.strategy.root_device),
+        "threads": torch.get_num_threads(),
         "choices": choices,
         "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run_dir) if has_best else None,
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
@@ -260,6 +275,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(runtime.output_dir)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_job(cfg, run_dir, dict(runtime.choices))
+    if is_ddp_child():
+        train(cfg, run_dir, dict(runtime.choices))
+        return None
     print_config_tree(cfg)
     try:
         with claim(run_dir):
@@ -273,7 +291,7 @@ def main(cfg: DictConfig) -> float | None:
     print(f"test/acc {metrics['test_acc']:.4f}{source} (best val/acc {metrics['best_val_acc']:.4f}, "
           f"{metrics['params']:,} params, {metrics['epoch_s']:.1f} s/epoch)")
     print(f"logs: {run_dir}  (tensorboard --logdir {run_dir} --host 127.0.0.1)")
-    return metrics["test_acc"]  # the value an Optuna sweeper maximises
+    return metrics["best_val_acc"]
 
 
 if __name__ == "__main__":
