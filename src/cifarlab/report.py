@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+from omegaconf import OmegaConf
 
 FINISHED, FAILED = "metrics.json", "failed.json"
 # The documented model: what every row is compared with.
@@ -86,8 +87,7 @@ def read_job(folder: Path) -> Job | None:
     if metrics is not None:
         overrides = metrics.get("overrides", [])
     else:
-        overrides = [line[2:].strip() for line in (folder / ".hydra" / "overrides.yaml").read_text().splitlines()
-                     if line.startswith("- ")]
+        overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
     pairs = [_override(o) for o in overrides]
     seed = next((int(v) for k, v in pairs if k == "seed"), metrics.get("seed") if metrics else None)
     key = tuple((k, v) for k, v in pairs if not k.startswith(IGNORED_KEYS))  # in the grid's own axis order
