@@ -79,6 +79,12 @@ def _override(text: str) -> tuple[str, str]:
     return key, value
 
 
+def job_number(folder: Path) -> tuple[int, str]:
+    """Sort key: the order the grid was run in ("10_..." after "2_...")."""
+    head = folder.name.split("_", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 30, folder.name)
+
+
 def read_job(folder: Path) -> Job | None:
     """A job folder: one with metrics.json (finished), failed.json (raised), or .hydra/ only (never finished)."""
     if not (folder / ".hydra").is_dir():
@@ -98,7 +104,7 @@ def read_job(folder: Path) -> Job | None:
 
 
 def collect(sweep: Path) -> list[Row]:
-    jobs = [j for f in sorted(sweep.iterdir()) if f.is_dir() and (j := read_job(f))]
+    jobs = [j for f in sorted(sweep.iterdir(), key=job_number) if f.is_dir() and (j := read_job(f))]
     if not jobs:
         raise SystemExit(f"error: {sweep}: no job folders (folders holding .hydra/) found")
     # Keep only the overrides that differ between jobs: those are the grid's axes.
@@ -142,8 +148,9 @@ def plot(rows: list[Row], path: Path) -> None:
     done = [r for r in rows if r.done]
     if len(axes) == 2 and done:
         a, b = axes
-        xs = sorted({dict(r.key)[b] for r in rows})
-        ys = sorted({dict(r.key)[a] for r in rows})
+        in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
+        xs = list(dict.fromkeys(dict(r.key)[b] for r in in_grid_order))
+        ys = list(dict.fromkeys(dict(r.key)[a] for r in in_grid_order))
         grid = np.full((len(ys), len(xs)), np.nan)
         for r in done:
             grid[ys.index(dict(r.key)[a]), xs.index(dict(r.key)[b])] = 100 * r.mean("test_acc")
