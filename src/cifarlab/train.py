@@ -36,6 +36,8 @@ from cifarlab.model import count_parameters
 from cifarlab.module import CifarModule, EpochTimer
 
 log = logging.getLogger("cifarlab")
+# Sweep job folders 000_, 001_, ... so that `ls` lists them in the order they ran.
+OmegaConf.register_new_resolver("cifarlab.zfill", lambda n, width: str(n).zfill(int(width)), replace=True)
 # Lightning's advertising and a deprecation inside Lightning itself are noise to a user of this tool.
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
