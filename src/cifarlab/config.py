@@ -16,7 +16,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from cifarlab.model import CifarNet, LayerFactory, pool_geometry, pool_output_size
+from cifarlab.model import CifarNet, LayerFactory, pool_geometry, pooled_size
 
 # Every _target_ the configs may name starts with one of these.
 ALLOWED_TARGETS = (
@@ -143,7 +143,7 @@ def layer_factory(node: DictConfig, key: str) -> tuple[LayerFactory | None, type
 
 def _check_pool_geometry(key: str, pool: nn.Module, model_cfg: DictConfig) -> None:
     g = pool_geometry(pool)
-    for i, axis in enumerate("hw"):
+    for i in range(2):  # (H, W)
         k, pad = g["kernel_size"][i], g["padding"][i]
         if pad > k // 2:
             raise ConfigError(
@@ -160,11 +160,7 @@ def _check_pool_geometry(key: str, pool: nn.Module, model_cfg: DictConfig) -> No
                 f"model.conv_kernel={k_conv}, model.conv_padding={p_conv}: stage {stage}'s conv shrinks "
                 f"{hw[0]}x{hw[1]} to nothing ({'; '.join(trail) or 'first stage'})"
             )
-        out = tuple(
-            pool_output_size(conv[i], g["kernel_size"][i], g["stride"][i], g["padding"][i], g["dilation"][i],
-                             g["ceil_mode"])
-            for i in range(2)
-        )
+        out = pooled_size(pool, conv)
         trail.append(f"stage{stage} {conv[0]}x{conv[1]} -> {max(out[0], 0)}x{max(out[1], 0)}")
         if min(out) < 1:
             params = ", ".join(f"{key}.{n}={_fmt(getattr(pool, n))}" for n in
