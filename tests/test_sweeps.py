@@ -14,7 +14,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from cifarlab import report
 from conftest import CONFIG_DIR, option_names, read_metrics, run_cli
 
 # A job shrunk to seconds: made-up data, one batch of each split, no inspection.

@@ -121,24 +121,48 @@ def _pct(x: float) -> str:
     return "—" if math.isnan(x) else f"{100 * x:.2f}"
 
 
-def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+CSV_FIELDS = ["configuration", "test_acc_mean", "test_acc_std", "delta_vs_baseline", "best_val_acc_mean",
+              "best_val_acc_std", "params", "epoch_s", "seeds", "failed"]
+
+
+def summarize(rows: list[Row]) -> list[dict]:
+    """One dict of raw numbers per row (CSV_FIELDS, plus `baseline`): what the CSV holds and the table formats."""
     baseline = next((r for r in rows if r.is_baseline()), None)
+    out = []
+    for r in rows:
+        params = r.values("params")
+        out.append({
+            "configuration": r.label(),
+            "baseline": r is baseline,
+            "test_acc_mean": r.mean("test_acc"),
+            "test_acc_std": r.std("test_acc"),
+            "delta_vs_baseline": r.mean("test_acc") - baseline.mean("test_acc") if baseline else math.nan,
+            "best_val_acc_mean": r.mean("best_val_acc"),
+            "best_val_acc_std": r.std("best_val_acc"),
+            "params": int(params[0]) if params else None,
+            "epoch_s": r.mean("epoch_s"),
+            "seeds": r.done,
+            "failed": len(r.failed),
+        })
+    return out
+
+
+def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     header = ["configuration", "test acc % (mean ± std)", "Δ vs baseline", "best val acc %", "params", "s/epoch",
               "seeds", "failed"]
     body = []
-    for r in rows:
-        delta = "baseline" if r is baseline else (
-            "—" if baseline is None or not r.done else f"{100 * (r.mean('test_acc') - baseline.mean('test_acc')):+.2f}")
-        params = r.values("params")
+    for s in summary:
+        delta = "baseline" if s["baseline"] else (
+            "—" if math.isnan(s["delta_vs_baseline"]) else f"{100 * s['delta_vs_baseline']:+.2f}")
         body.append([
-            r.label() + (" (documented model)" if r is baseline else ""),
-            f"{_pct(r.mean('test_acc'))} ± {_pct(r.std('test_acc'))}",
+            s["configuration"] + (" (documented model)" if s["baseline"] else ""),
+            f"{_pct(s['test_acc_mean'])} ± {_pct(s['test_acc_std'])}",
             delta,
-            f"{_pct(r.mean('best_val_acc'))} ± {_pct(r.std('best_val_acc'))}",
-            f"{int(params[0]):,}" if params else "—",
-            f"{r.mean('epoch_s'):.2f}" if r.done else "—",
-            str(r.done),
-            str(len(r.failed)),
+            f"{_pct(s['best_val_acc_mean'])} ± {_pct(s['best_val_acc_std'])}",
+            f"{s['params']:,}" if s["params"] is not None else "—",
+            f"{s['epoch_s']:.2f}" if s["seeds"] else "—",
+            str(s["seeds"]),
+            str(s["failed"]),
         ])
     return header, body
 
@@ -210,25 +234,20 @@ def write_tensorboard(sweep: Path, text: str, png: Path) -> None:
         writer.add_image("sweep/accuracy", np.asarray(Image.open(png).convert("RGB")), dataformats="HWC")
 
 
-def report(sweep: Path) -> list[Row]:
+def report(sweep: Path) -> tuple[list[str], list[list[str]]]:
+    """Write report.md, report.csv, report.png and the TensorBoard run; return the table (header, rows)."""
     rows = collect(sweep)
-    header, body = table(rows)
+    summary = summarize(rows)
+    header, body = table(summary)
     text = markdown(sweep, rows, header, body)
     (sweep / "report.md").write_text(text)
     with open(sweep / "report.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["configuration", "test_acc_mean", "test_acc_std", "delta_vs_baseline", "best_val_acc_mean",
-                         "best_val_acc_std", "params", "epoch_s", "seeds", "failed"])
-        baseline = next((r for r in rows if r.is_baseline()), None)
-        for r in rows:
-            delta = r.mean("test_acc") - baseline.mean("test_acc") if baseline else math.nan
-            params = r.values("params")
-            writer.writerow([r.label(), r.mean("test_acc"), r.std("test_acc"), delta, r.mean("best_val_acc"),
-                             r.std("best_val_acc"), int(params[0]) if params else "", r.mean("epoch_s"), r.done,
-                             len(r.failed)])
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(summary)
     plot(rows, sweep / "report.png")
     write_tensorboard(sweep, text, sweep / "report.png")
-    return rows
+    return header, body
 
 
 def main() -> None:
@@ -237,11 +256,10 @@ def main() -> None:
     args = p.parse_args()
     if not args.sweep.is_dir():
         raise SystemExit(f"error: {args.sweep}: no such folder")
-    rows = report(args.sweep)
+    header, body = report(args.sweep)
     from rich.console import Console
     from rich.table import Table
 
-    header, body = table(rows)
     t = Table(title=f"{args.sweep}  (test accuracy of the best checkpoint, % over seeds)")
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i == 0 else "right")

@@ -77,6 +77,10 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
+def finished_run(run_dir: Path) -> str:
+    return f"hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder"
+
+
 class KeepFinishedRuns(Callback):
     """Hydra writes .hydra/*.yaml into the run folder before the task starts; refuse a finished folder before that,
     so a finished run's record of its config is never replaced."""
@@ -87,8 +91,7 @@ class KeepFinishedRuns(Callback):
         except Exception:  # interpolations that only resolve inside the job: the task's own check covers them
             return
         if (run_dir / FINISHED).exists():
-            print(f"error: hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder",
-                  file=sys.stderr)
+            print(f"error: {finished_run(run_dir)}", file=sys.stderr)
             sys.exit(2)
 
 
@@ -96,7 +99,7 @@ class KeepFinishedRuns(Callback):
 def claim(run_dir: Path):
     """Hold the run folder for this run alone; refuse a folder that holds a finished run or one in progress."""
     if (run_dir / FINISHED).exists():
-        raise ConfigError(f"hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder")
+        raise ConfigError(finished_run(run_dir))
     lock = run_dir / RUNNING
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
