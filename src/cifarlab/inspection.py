@@ -135,6 +135,8 @@ class PoolingImages(Callback):
         dm = trainer.datamodule
         self.images = dm.val_x[pick_images(dm.val_y, self.per_class, self.seed).to(dm.val_x.device)]
         self.per_row = len(dm.classes)
+        if trainer.global_step > 0:  # a resumed run: logged when it first started
+            return
         self.log_inputs(writer, pl_module.model.stage1.pool, trainer.global_step)
         self.log_stages(writer, pl_module, trainer.global_step)
 
@@ -209,7 +211,7 @@ class ModelGraph(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         writer = tensorboard(trainer)
-        if writer is not None:
+        if writer is not None and trainer.global_step == 0:  # a resumed run logged it when it first started
             log_graph(writer, pl_module.model, pl_module.example_input_array.to(pl_module.device))  # (2, 3, 32, 32)
 
 
@@ -231,7 +233,8 @@ class WeightHistograms(Callback):
             writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), trainer.global_step)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._log(trainer, pl_module)
+        if trainer.global_step == 0:  # a resumed run logged it when it first started
+            self._log(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -1,8 +1,9 @@
-"""The LightningModule that trains a CifarNet: loss, torchmetrics accuracy, optimiser and schedule; and the epoch
-timer callback that measures what a user waits for."""
+"""The LightningModule that trains a CifarNet: loss, torchmetrics accuracy, optimiser and schedule; the epoch timer
+callback that measures what a user waits for; and the guard that stops a run whose loss is no longer a number."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Any, Callable, Iterable
@@ -13,6 +14,19 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+def log_epoch_now(trainer: L.Trainer, metrics: dict[str, float | torch.Tensor]) -> None:
+    """Write epoch-end scalars to the loggers now, at the step Lightning gives epoch-end values.
+
+    self.log() in on_train_epoch_end would reach the loggers only after the epoch's checkpoint is written; a run
+    killed in between and resumed from that checkpoint would never log them. Written here, they precede it.
+    """
+    if trainer.sanity_checking:
+        return
+    values = {k: float(v) for k, v in metrics.items()}
+    for lg in trainer.loggers:
+        lg.log_metrics(values, step=trainer.global_step - 1)
+
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 # (optimizer, total training steps) -> a scheduler stepped every batch
@@ -37,13 +51,11 @@ class CifarModule(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps the best so far
         self.example_input_array = torch.zeros(2, 3, 32, 32)  # (B, C, H, W), for the graph and the summary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # (B, 10) logits
-
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()  # the sanity check's validation batch must not count as the best
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -56,7 +68,7 @@ class CifarModule(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/acc", self.train_acc.compute(), sync_dist=True)
+        log_epoch_now(self.trainer, {"train/acc": self.train_acc.compute()})  # compute() syncs DDP processes
         self.train_acc.reset()
 
     def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
@@ -133,10 +145,10 @@ class EpochTimer(Callback):
         seconds = end - self._start
         self.epoch_s.append(seconds)
         self.img_per_s.append(self._images / seconds)
-        pl_module.log("time/epoch_s", seconds)
-        pl_module.log("time/train_img_per_s", self._images / seconds)
+        timing = {"time/epoch_s": seconds, "time/train_img_per_s": self._images / seconds}
         if pl_module.device.type == "cuda":
-            pl_module.log("time/peak_gpu_mem_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
+            timing["time/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        log_epoch_now(trainer, timing)
         self._start = None
 
     def summary(self) -> dict[str, float | None]:
@@ -148,3 +160,47 @@ class EpochTimer(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch_s, self.img_per_s = list(state_dict["epoch_s"]), list(state_dict["img_per_s"])
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the learning rate there."""
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stops training at the first NaN/inf loss instead of training on NaN for hours.
+
+    Each step only updates a flag on the device (no host sync per step); the flag is read every
+    `check_every_n_steps` steps (default: trainer.log_every_n_steps, when Lightning reads the loss anyway) and at
+    the end of each epoch, and the error names the first bad step.
+    """
+
+    def __init__(self, check_every_n_steps: int | None = None):
+        self.check_every = check_every_n_steps
+        self._first_bad: torch.Tensor | None = None  # () int64 on the device: first non-finite step, or -1
+        self._lrs: dict[int, float] = {}  # step -> learning rate, since the last check
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        step = trainer.global_step - 1  # the optimizer step this loss came from
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
+        self._lrs[step] = trainer.optimizers[0].param_groups[0]["lr"]
+        if (step + 1) % (self.check_every or trainer.log_every_n_steps or 1) == 0:
+            self._check(trainer, batch_idx)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer, None)
+
+    def _check(self, trainer, batch_idx: int | None) -> None:
+        first_bad = -1 if self._first_bad is None else int(self._first_bad)
+        if first_bad < 0:
+            self._lrs.clear()
+            return
+        lr = self._lrs.get(first_bad, math.nan)
+        raise Diverged(
+            f"train/loss became NaN or infinite at step {first_bad} (epoch {trainer.current_epoch}), learning rate "
+            f"{lr:.3g} there; the learning rate is the likely cause: lower optimizer.lr (or set "
+            "trainer.gradient_clip_val)"
+        )

@@ -2,6 +2,9 @@
 
 compose the config -> check it and build the layer factories and model (config.py) -> load CIFAR-10 (data.py)
 -> train and validate (module.py, Lightning) -> test the best checkpoint -> metrics.json in the run folder.
+
+`cifarlab-train resume=<run folder>` continues a killed or interrupted run from its last checkpoint, in the same
+folder, with the config it was started with (checkpoint.py).
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab import config, data, inspection
+from cifarlab import checkpoint, config, data, inspection
+from cifarlab.checkpoint import CheckpointError
 from cifarlab.config import ConfigError
 from cifarlab.data import DataError
 from cifarlab.model import count_parameters
-from cifarlab.module import CifarModule, EpochTimer
+from cifarlab.module import CifarModule, Diverged, EpochTimer
 
 log = logging.getLogger("cifarlab")
 # Sweep job folders 000_, 001_, ... so that `ls` lists them in the order they ran.
@@ -43,10 +47,18 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
     lambda record: not str(record.msg).startswith(("💡 Tip", "Trainer already configured with model summary"))
 )
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resumed run's
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 FINISHED = "metrics.json"  # its presence marks a finished run
 RUNNING = ".running"  # held while a run uses its folder (created exclusively), so two runs never share one
 FAILED = "failed.json"  # a sweep job that raised: its error, so the sweep goes on and the report can say why
+SAVED_CONFIG = "config.yaml"  # the resolved config, written when the run starts; what resume= continues with
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the logs are flushed and the last checkpoint is kept; the message says how to go on."""
 
 
 def print_config_tree(cfg: DictConfig) -> None:
@@ -68,7 +80,14 @@ def load_data(data_cfg: DictConfig, seed: int) -> data.CifarArrays:
         return arrays
     if data_cfg.name != "cifar10":
         raise ConfigError(f"data.name={data_cfg.name!r}: must be 'cifar10' or 'synthetic'")
-    return data.load_cifar10(to_absolute_path(str(data_cfg.root)), bool(data_cfg.download), data_cfg.url, data_cfg.md5)
+    return data.load_cifar10(str(data_cfg.root), bool(data_cfg.download), data_cfg.url, data_cfg.md5)
+
+
+def settle(cfg: DictConfig) -> DictConfig:
+    """Make the run independent of where it is resumed from: the data folder as an absolute path."""
+    if cfg.data.get("root") is not None:
+        cfg.data.root = to_absolute_path(str(cfg.data.root))
+    return cfg
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -142,9 +161,10 @@ def set_aside(run_dir: Path) -> Path:
 
 
 def config_sha(cfg: DictConfig) -> str:
-    """What makes two jobs the same job: the resolved config, less the thread count."""
+    """What makes two jobs the same job: the resolved config, less the thread count and the resume request."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("threads", None)
+    plain.pop("resume", None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -165,9 +185,17 @@ def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> f
             return done["best_val_acc"]
         log.error("%s: holds a finished run of another config (see its config.yaml); left alone", run_dir)
         return float("nan")
+    resume = False
     if (run_dir / RUNNING).exists() and lock_is_stale(run_dir):
-        log.warning("%s: an earlier attempt was killed; its files are kept in %s", run_dir, set_aside(run_dir).name)
-    (run_dir / FAILED).unlink(missing_ok=True)
+        (run_dir / RUNNING).unlink()
+        resume = True
+    if (run_dir / FAILED).exists():
+        log.warning("%s: an earlier attempt failed; its files are kept in %s", run_dir, set_aside(run_dir).name)
+        resume = False
+    elif (run_dir / "checkpoints" / checkpoint.LAST).exists():
+        resume = True  # interrupted (Ctrl-C) or killed after an epoch: continue from the last checkpoint
+    if resume:
+        log.warning("%s: an earlier attempt was stopped; continuing it", run_dir.name)
     try:
         if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
             raise ConfigError(
@@ -176,14 +204,54 @@ def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> f
                 "single-device jobs (launcher=slurm gives each its own GPU) or trainer=ddp without -m"
             )
         with claim(run_dir):
-            return train(cfg, run_dir, option_names)["best_val_acc"]
+            return train(cfg, run_dir, option_names, resume=resume)["best_val_acc"]
+    except Interrupted as e:
+        print(f"\n{e}\nThe sweep stopped; run the same command again to go on: finished jobs are skipped and this "
+              "one continues from its checkpoint.", file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         write_json(run_dir / FAILED, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
         log.error("%s failed, the sweep goes on: %s: %s", run_dir.name, type(e).__name__, e)
         return float("nan")
 
 
-def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None) -> dict[str, Any]:
+def resume_point(run_dir: Path, model: torch.nn.Module, sha: str) -> str | None:
+    """The checkpoint a stopped run continues from (None: it stopped before its first epoch ended, so it starts
+    again), after dropping the TensorBoard events logged after that checkpoint; every check before any data is read."""
+    ckpt_dir = run_dir / "checkpoints"
+    for path in checkpoint.remove_partial_saves(ckpt_dir):
+        log.warning("%s: removed %s, a save the kill interrupted (the checkpoint it was replacing is intact)",
+                    run_dir.name, path.name)
+    last = ckpt_dir / checkpoint.LAST
+    if not last.exists():
+        dropped = checkpoint.trim_events(run_dir, None)
+        log.warning("%s: no checkpoint (stopped before its first epoch ended): starting it again; %d TensorBoard "
+                    "events of the stopped attempt dropped", run_dir.name, dropped)
+        return None
+    ckpt = checkpoint.read_checkpoint(last, "resume")
+    stamp = checkpoint.stamp(ckpt)
+    if stamp.get("config_sha") != sha:
+        raise CheckpointError(f"resume={last}: written by a run of another config than {run_dir / SAVED_CONFIG} "
+                              "(edited since?); start a new run instead")
+    checkpoint.check_architecture(checkpoint.network_weights(ckpt, f"resume={last}"), model, f"resume={last}")
+    dropped = checkpoint.trim_events(run_dir, stamp["saved_at"])
+    log.warning("%s: continuing after epoch %d (step %d) from %s; %d TensorBoard events logged after that "
+                "checkpoint dropped (the resumed run logs those steps again)",
+                run_dir.name, ckpt["epoch"] + 1, ckpt["global_step"], last.relative_to(run_dir), dropped)
+    return str(last)
+
+
+def init_weights(model: torch.nn.Module, path: str) -> None:
+    """init_from=<checkpoint>: start from another run's weights (fine-tuning, longer schedules)."""
+    where = f"init_from={path}"
+    weights = checkpoint.network_weights(checkpoint.read_checkpoint(to_absolute_path(path), "init_from"), where)
+    checkpoint.check_architecture(weights, model, where)
+    model.load_state_dict(weights)
+
+
+def train(
+    cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None, resume: bool = False
+) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -195,6 +263,12 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
     optimizer = config.build_optimizer(cfg.optimizer)
     scheduler = config.build_scheduler(cfg.scheduler)
     choices = config.choices(cfg, option_names)
+    sha = config_sha(cfg)
+    if cfg.get("init_from"):
+        init_weights(model, str(cfg.init_from))
+    ckpt_path = resume_point(run_dir, model, sha) if resume else None
+    if not resume:
+        (run_dir / SAVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what resume= continues with
 
     arrays = load_data(cfg.data, cfg.data.split_seed)
     try:
@@ -216,20 +290,27 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
 
     loggers = [instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node is not None]
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir))
-    if arrays.source == "synthetic":
+    callbacks.append(checkpoint.ResumePoint(sha))
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+                                     plugins=[checkpoint.AtomicCheckpointIO()])
+    if arrays.source == "synthetic" and ckpt_path is None:  # a resumed run labelled itself when it first started
         for lg in loggers:
             if hasattr(lg, "experiment") and hasattr(lg.experiment, "add_text"):
                 lg.experiment.add_text("data", "**SYNTHETIC DATA, NOT CIFAR-10**: made-up images from data=synthetic")
 
-    trainer.fit(module, datamodule=datamodule)
-    checkpoint = trainer.checkpoint_callback
-    has_best = checkpoint is not None and checkpoint.best_model_path
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after flushing the loggers
+            raise interrupted(trainer, run_dir) from None
+        raise
+    ckpt_cb = trainer.checkpoint_callback
+    has_best = ckpt_cb is not None and ckpt_cb.best_model_path
     test = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0]
 
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
-    best_val = checkpoint.best_model_score if has_best else None
+    best_val = ckpt_cb.best_model_score if has_best else None
     if not trainer.is_global_zero:  # DDP ranks 1..: rank 0 writes the results
         return {}
     metrics = {
@@ -249,9 +330,10 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
         "device": str(trainer.strategy.root_device),
         "threads": torch.get_num_threads(),
         "choices": choices,
-        "best_checkpoint": os.path.relpath(checkpoint.best_model_path, run_dir) if has_best else None,
+        "best_checkpoint": os.path.relpath(ckpt_cb.best_model_path, run_dir) if has_best else None,
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
-        "config_sha": config_sha(cfg),
+        "config_sha": sha,
+        "resumed": resume,
         "wall_s": time.perf_counter() - started,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -269,29 +351,83 @@ def train(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = 
         "data_source": arrays.source,
     }
     inspection.log_hparams(trainer, hparams, {k: metrics[k] for k in ("test_acc", "best_val_acc", "params", "epoch_s")})
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # kept with the results, resolved
     write_json(run_dir / FINISHED, metrics)  # last: its presence marks the run finished
     return metrics
+
+
+def interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
+    done = trainer.fit_loop.epoch_progress.current.completed
+    saved = (f"checkpoints/{checkpoint.LAST} was written after epoch {done}" if done
+             else "no epoch had finished, so resuming starts it again")
+    return Interrupted(f"interrupted in epoch {trainer.current_epoch + 1} of {trainer.max_epochs}; logs flushed, "
+                       f"{saved}. Continue with: cifarlab-train resume={run_dir}")
+
+
+def resume_overrides(folder: str, others: list[str]) -> list[str]:
+    """`resume=<folder>` -> the overrides that run Hydra in that folder without rewriting its .hydra/ record."""
+    run_dir = Path(folder).expanduser()
+    if others:
+        raise ConfigError(f"resume={folder} with {' '.join(others)}: a resumed run continues with the config it "
+                          "started with; give resume=<run folder> alone, or start a new run to change anything")
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume={folder}: no such folder; give the run folder a run printed as 'logs: <folder>'")
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise ConfigError(f"resume={folder}: not a cifarlab run folder (no {SAVED_CONFIG}); give the folder a run "
+                          "printed as 'logs: <folder>'")
+    if (run_dir / FINISHED).exists():
+        raise ConfigError(f"resume={folder}: that run finished ({FINISHED}); nothing to resume")
+    if (run_dir / RUNNING).exists():
+        if not lock_is_stale(run_dir):
+            holder = (run_dir / RUNNING).read_text().strip()
+            raise ConfigError(f"resume={folder}: a run is still using this folder ({holder}); if it is dead, "
+                              f"delete {run_dir / RUNNING} first")
+        (run_dir / RUNNING).unlink()  # its process is gone: killed
+    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}"]
+
+
+def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None]:
+    """The config a run started with, and its option names from Hydra's record of the first start."""
+    cfg = OmegaConf.load(run_dir / SAVED_CONFIG)
+    hydra_record = run_dir / ".hydra" / "hydra.yaml"
+    choices = OmegaConf.select(OmegaConf.load(hydra_record), "hydra.runtime.choices") if hydra_record.exists() else None
+    return cfg, (dict(choices) if choices is not None else None)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     runtime = HydraConfig.get().runtime
     run_dir = Path(runtime.output_dir)
+    option_names = dict(runtime.choices)
+    resume = cfg.get("resume") is not None
+    if resume:
+        cfg, option_names = saved_run(run_dir)
+    else:
+        settle(cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return sweep_job(cfg, run_dir, dict(runtime.choices))
+        return sweep_job(cfg, run_dir, option_names)
     if is_ddp_child():
-        train(cfg, run_dir, dict(runtime.choices))
+        train(cfg, run_dir, option_names, resume=resume)
         return None
     print_config_tree(cfg)
     try:
+        if not resume and (run_dir / "checkpoints" / checkpoint.LAST).exists():
+            raise ConfigError(f"hydra.run.dir={run_dir}: holds a stopped run; continue it with "
+                              f"`cifarlab-train resume={run_dir}` or choose another folder")
         with claim(run_dir):
-            metrics = train(cfg, run_dir, dict(runtime.choices))
-    except (ConfigError, DataError) as e:
+            metrics = train(cfg, run_dir, option_names, resume=resume)
+    except USER_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
     source = "" if metrics["data_source"] == "cifar10" else f" on {metrics['data_source']}"
     print(f"test/acc {metrics['test_acc']:.4f}{source} (best val/acc {metrics['best_val_acc']:.4f}, "
           f"{metrics['params']:,} params, {metrics['epoch_s']:.1f} s/epoch)")
@@ -299,5 +435,20 @@ def main(cfg: DictConfig) -> float | None:
     return metrics["best_val_acc"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """cifarlab-train: Hydra's command line, plus resume=<run folder>, which must be read before Hydra picks a
+    folder and records a config in it."""
+    args = sys.argv[1:]
+    given = [a for a in args if a.startswith("resume=")]
+    if given:
+        try:
+            overrides = resume_overrides(given[-1].split("=", 1)[1], [a for a in args if a not in given])
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        sys.argv = [sys.argv[0], *overrides]
     main()
+
+
+if __name__ == "__main__":
+    cli()
