@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from cifarlab import config
+from cifarlab import config, train
+from cifarlab.checkpoint import CheckpointError
 from cifarlab.config import ConfigError
 from conftest import CONFIG_DIR, compose_config, run_cli
 
@@ -113,3 +116,140 @@ def test_unknown_option_lists_the_valid_ones(tmp_path):
     result = run_cli("model/pool=median", cwd=tmp_path, timeout=120)
     assert result.returncode != 0
     assert "model/pool/median" in result.stderr and "avg" in result.stderr and "lp" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints (init_from=<file>) and resume=<run folder>: each refused in one line naming the file or folder.
+
+
+class RunsCode:  # a pickle that would run a command on load: weights_only loading must refuse it
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def lightning_ckpt(*overrides: str, **extra) -> dict:
+    model = config.build_model(compose_config(*overrides).model)
+    return {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 0, **extra}
+
+
+def write_file(path, make) -> str:
+    if isinstance(make, bytes):
+        path.write_bytes(make)
+    else:
+        torch.save(make(path), path)
+    return str(path)
+
+
+def truncated(path) -> bytes:
+    torch.save(lightning_ckpt(), path)
+    return path.read_bytes()[: path.stat().st_size // 2]
+
+
+CHECKPOINT_REFUSED = [
+    ("missing file", None, r"init_from=\S+/missing.ckpt: no such file"),
+    ("empty file", b"", r"init_from=\S+: not a readable checkpoint \(truncated or corrupt"),
+    ("truncated", "truncated", r"init_from=\S+: not a readable checkpoint \(truncated or corrupt: PytorchStreamReader"),
+    ("random bytes", bytes(range(256)) * 4, r"init_from=\S+: not a (readable )?checkpoint"),
+    ("runs code on load", lambda p: {"state_dict": RunsCode(f"{p}.ran")},
+     r"init_from=\S+: refused: it holds a Python object \(posix.system\) that loading would run; .*weights_only=True"),
+    ("a tensor, not a dict", lambda p: torch.zeros(3), r"init_from=\S+: not a checkpoint \(holds a Tensor"),
+    ("no weights", lambda p: {"epoch": 3}, r"init_from=\S+: holds no model weights"),
+    ("another architecture: norm", lambda p: lightning_ckpt("model/norm=batchnorm"),
+     r"made for a different architecture: layers in the file this config lacks: stage1.norm, stage2.norm, stage3.norm$"),
+    ("another architecture: shapes", lambda p: lightning_ckpt("model.channels=[16,32,64]"),
+     r"stage1.conv.weight is \[16, 3, 5, 5\] in the file, \[32, 3, 5, 5\] here; stage1.conv.bias is \[16\]"),
+    ("another architecture: activation", lambda p: lightning_ckpt("model/activation=prelu"),
+     r"layers in the file this config lacks: stage1.act, stage2.act, stage3.act, head_act$"),
+]
+
+
+@pytest.mark.parametrize("make,message", [c[1:] for c in CHECKPOINT_REFUSED], ids=[c[0] for c in CHECKPOINT_REFUSED])
+def test_checkpoint_refused_with_a_message_naming_the_file(tmp_path, make, message):
+    path = tmp_path / ("missing.ckpt" if make is None else "given.ckpt")
+    if make == "truncated":
+        make = truncated(tmp_path / "whole.ckpt")
+    if make is not None:
+        write_file(path, make)
+    model = config.build_model(compose_config().model)
+    with pytest.raises(CheckpointError) as e:
+        train.init_weights(model, str(path))
+    assert re.search(message, str(e.value)), str(e.value)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "given.ckpt.ran").exists()  # the code in the pickle never ran
+
+
+def test_a_checkpoint_of_the_same_architecture_loads_bare_or_from_lightning(tmp_path):
+    reference = config.build_model(compose_config("seed=1").model)
+    torch.save(reference.state_dict(), tmp_path / "bare.pt")
+    for path in (tmp_path / "bare.pt",):
+        model = config.build_model(compose_config().model)
+        train.init_weights(model, str(path))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def stopped_run(tmp_path, last: bytes | dict | None = None, sha: str | None = None):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg = compose_config()
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if isinstance(last, dict):
+        torch.save(last, run_dir / "checkpoints" / "last.ckpt")
+    elif last is not None:
+        (run_dir / "checkpoints" / "last.ckpt").write_bytes(last)
+    return run_dir, cfg
+
+
+def test_resume_refusals_name_the_folder_and_what_to_do(tmp_path):
+    run_dir, cfg = stopped_run(tmp_path)
+    cases = [
+        (str(tmp_path / "nowhere"), [], r"resume=\S+/nowhere: no such folder; give the run folder a run printed as 'logs"),
+        (str(tmp_path), [], r"resume=\S+: not a cifarlab run folder \(no config.yaml\)"),
+        (str(run_dir), ["trainer.max_epochs=20"], r"resume=\S+ with trainer.max_epochs=20: a resumed run continues with "
+                                                  r"the config it started with"),
+    ]
+    for folder, others, message in cases:
+        with pytest.raises(ConfigError) as e:
+            train.resume_overrides(folder, others)
+        assert re.search(message, str(e.value)), str(e.value)
+    (run_dir / ".running").write_text(f"pid {os.getpid()} on {os.uname().nodename} since 2026-11-22T00:00:00+00:00\n")
+    with pytest.raises(ConfigError, match=r"a run is still using this folder \(pid \d+ on .*\); if it is dead, delete"):
+        train.resume_overrides(str(run_dir), [])
+    (run_dir / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"that run finished \(metrics.json\); nothing to resume"):
+        train.resume_overrides(str(run_dir), [])
+
+
+@pytest.mark.parametrize("last,message", [
+    (b"PK\x03\x04 not really", r"resume=\S+/checkpoints/last.ckpt: not a readable checkpoint"),
+    (lightning_ckpt(cifarlab={"config_sha": "0123456789abcdef", "saved_at": 0.0}),
+     r"resume=\S+/last.ckpt: written by a run of another config than \S+/config.yaml \(edited since\?\)"),
+], ids=["corrupt last.ckpt", "config edited since"])
+def test_resume_refuses_an_unusable_checkpoint_before_reading_data(tmp_path, last, message):
+    run_dir, cfg = stopped_run(tmp_path, last)
+    with pytest.raises(CheckpointError) as e:
+        train.resume_point(run_dir, config.build_model(cfg.model), train.config_sha(cfg))
+    assert re.search(message, str(e.value)), str(e.value)
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
+    cfg = compose_config()
+    run_dir, _ = stopped_run(tmp_path, lightning_ckpt("model/norm=batchnorm",
+                                                      cifarlab={"config_sha": train.config_sha(cfg), "saved_at": 0.0}))
+    with pytest.raises(CheckpointError, match=r"last.ckpt: made for a different architecture: layers in the file"):
+        train.resume_point(run_dir, config.build_model(cfg.model), train.config_sha(cfg))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["init_from=missing.ckpt", "data=synthetic", "hydra.run.dir=run"], "error: init_from=missing.ckpt: no such file (/"),
+    (["resume=no/such/run"], "error: resume=no/such/run: no such folder"),
+    (["resume=run", "trainer.max_epochs=20"], "error: resume=run with trainer.max_epochs=20: a resumed run continues"),
+])
+def test_cli_refuses_bad_checkpoints_and_folders_in_one_line(tmp_path, args, message):
+    result = run_cli(*args, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(message), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "run" / "metrics.json").exists()

@@ -105,6 +105,7 @@ def test_running_the_sweep_again_skips_finished_jobs_and_retries_the_rest(small_
     finished = {f: (f / "metrics.json").stat().st_mtime_ns for f in folders if (f / "metrics.json").exists()}
     # Make one finished job look killed mid-run: no metrics.json, a lock left by a process that is gone.
     killed = sorted(finished)[0]
+    before = read_metrics(killed)
     (killed / "metrics.json").unlink()
     del finished[killed]
     (killed / ".running").write_text(f"pid 99999999 on {os.uname().nodename} since 2026-01-01T00:00:00+00:00\n")
@@ -113,10 +114,15 @@ def test_running_the_sweep_again_skips_finished_jobs_and_retries_the_rest(small_
     assert result.stderr.count("finished before") + result.stdout.count("finished before") == 3
     for f, mtime in finished.items():
         assert (f / "metrics.json").stat().st_mtime_ns == mtime  # untouched
-    assert (killed / "metrics.json").exists() and not (killed / ".running").exists()  # re-run to the end
-    attempts = list(killed.glob("attempt-*"))
-    assert len(attempts) == 1 and (attempts[0] / "checkpoints").is_dir()  # the killed attempt kept, set aside
-    assert sum((f / "failed.json").exists() for f in job_folders(sweep)) == 4  # tried again, failed again
+    assert (killed / "metrics.json").exists() and not (killed / ".running").exists()  # run to the end
+    # continued from its last checkpoint (not from scratch), to the same numbers
+    assert "continuing after epoch 1 (step " in (killed / "train.log").read_text()
+    after = read_metrics(killed)
+    assert after["resumed"] and (after["test_acc"], after["best_val_acc"]) == (before["test_acc"], before["best_val_acc"])
+    assert not list(killed.glob("attempt-*"))
+    failed = [f for f in job_folders(sweep) if (f / "failed.json").exists()]
+    assert len(failed) == 4  # tried again, failed again; each earlier failed attempt kept aside
+    assert all(len(list(f.glob("attempt-*/failed.json"))) == 1 for f in failed)
 
 
 def test_ad_hoc_grids_still_work(tmp_path):

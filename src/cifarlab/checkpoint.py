@@ -61,7 +61,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(folder)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return read_checkpoint(path, "checkpoint", map_location or "cpu")
+        return read_checkpoint(path, f"checkpoint={path}", map_location or "cpu")
 
 
 def remove_partial_saves(folder: Path) -> list[Path]:
@@ -72,12 +72,11 @@ def remove_partial_saves(folder: Path) -> list[Path]:
     return leftovers
 
 
-def read_checkpoint(path: str | Path, key: str, map_location: Any = "cpu") -> dict[str, Any]:
-    """torch.load with weights_only=True, its failures turned into one line naming `key=path`."""
+def read_checkpoint(path: str | Path, where: str, map_location: Any = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True, its failures turned into one line starting with `where` (key=value)."""
     path = Path(path)
-    where = f"{key}={path}"
     if not path.is_file():
-        raise CheckpointError(f"{where}: no such file")
+        raise CheckpointError(f"{where}: no such file" + ("" if where.endswith(f"={path}") else f" ({path})"))
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

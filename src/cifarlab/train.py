@@ -228,7 +228,7 @@ def resume_point(run_dir: Path, model: torch.nn.Module, sha: str) -> str | None:
         log.warning("%s: no checkpoint (stopped before its first epoch ended): starting it again; %d TensorBoard "
                     "events of the stopped attempt dropped", run_dir.name, dropped)
         return None
-    ckpt = checkpoint.read_checkpoint(last, "resume")
+    ckpt = checkpoint.read_checkpoint(last, f"resume={last}")
     stamp = checkpoint.stamp(ckpt)
     if stamp.get("config_sha") != sha:
         raise CheckpointError(f"resume={last}: written by a run of another config than {run_dir / SAVED_CONFIG} "
@@ -244,7 +244,7 @@ def resume_point(run_dir: Path, model: torch.nn.Module, sha: str) -> str | None:
 def init_weights(model: torch.nn.Module, path: str) -> None:
     """init_from=<checkpoint>: start from another run's weights (fine-tuning, longer schedules)."""
     where = f"init_from={path}"
-    weights = checkpoint.network_weights(checkpoint.read_checkpoint(to_absolute_path(path), "init_from"), where)
+    weights = checkpoint.network_weights(checkpoint.read_checkpoint(to_absolute_path(path), where), where)
     checkpoint.check_architecture(weights, model, where)
     model.load_state_dict(weights)
 
