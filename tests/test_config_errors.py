@@ -100,6 +100,8 @@ def test_every_target_in_configs_is_allowed():
         (["model/pool=max", "model.pool.kernel_size=4", "model.pool.stride=4"], "stage3 2x2 -> 0x0"),
         (["model.pool=avg"], "(a slash, not a dot)"),
         (["data.root=/no/such/folder", "data.download=false"], "CIFAR-10 not found: looked for /no/such/folder"),
+        (["data=synthetic", "data.n_train=300", "data.val_size=300"],
+         "data.val_size=300 leaves 300 validation and 0 training images of 300; use a fraction in (0, 1) or a smaller"),
     ],
 )
 def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message):
@@ -112,10 +114,19 @@ def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
-def test_unknown_option_lists_the_valid_ones(tmp_path):
-    result = run_cli("model/pool=median", cwd=tmp_path, timeout=120)
-    assert result.returncode != 0
-    assert "model/pool/median" in result.stderr and "avg" in result.stderr and "lp" in result.stderr
+@pytest.mark.parametrize("override,message", [
+    ("model/pool=median", "error: model/pool=median: no such option (no configs/model/pool/median.yaml); choose one "
+                          "of: avg, lp, max"),
+    ("model.pool.kernel_sizee=3", "error: model.pool.kernel_sizee=3: no such key; did you mean "
+                                  "model.pool.kernel_size? model.pool has: _target_, kernel_size, stride, padding"),
+    ("trainer.max_epochz=3", "error: trainer.max_epochz=3: no such key; did you mean trainer.max_epochs?"),
+    ("model.pool.kernel_size=[3", "error: cannot parse the overrides model.pool.kernel_size=[3: no viable alternative"),
+])
+def test_unknown_options_and_keys_are_refused_in_one_line_with_the_choices(tmp_path, override, message):
+    result = run_cli(override, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run folder
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -96,8 +96,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics_and_steps(tmp_pat
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "metrics.json").exists() and (run_dir / ".running").exists()  # died holding its folder
 
+    record = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
     result = run_cli(f"resume={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record  # Hydra's record untouched
     log = (run_dir / "train.log").read_text()
     if moment == "before the first checkpoint":
         assert "no checkpoint (stopped before its first epoch ended): starting it again" in log

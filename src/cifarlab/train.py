@@ -10,10 +10,12 @@ folder, with the config it was started with (checkpoint.py).
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -435,10 +437,56 @@ def main(cfg: DictConfig) -> float | None:
     return metrics["best_val_acc"]
 
 
+def composition_error(args: list[str]) -> str | None:
+    """Hydra's own refusals (an unknown option or key, an unparsable override) as one line, with the choices;
+    None when the overrides compose. Flags (-m, --help, --cfg) are left to Hydra."""
+    if any(a.startswith("-") for a in args):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    def composed(overrides: list[str]) -> DictConfig:
+        with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+            return compose("train", overrides=overrides)
+
+    try:
+        composed(args)
+        return None
+    except MissingConfigException as e:
+        missing = re.search(r"Could not find '([^']+)/([^'/]+)'", str(e))
+        options = re.findall(r"^\t(\S+)$", str(e).split("Config search path")[0], re.M)
+        if not missing:
+            return str(e).splitlines()[0]
+        group, option = missing.groups()
+        return f"{group}={option}: no such option (no configs/{group}/{option}.yaml); choose one of: {', '.join(options)}"
+    except ConfigCompositionException as e:
+        found = re.search(r"Could not override '([^']+)'", str(e))
+        if not found:
+            return " ".join(str(e).split())
+        key = found.group(1)
+        arg = next((a for a in args if a.startswith(f"{key}=")), key)
+        parent, _, name = key.rpartition(".")
+        rest = composed([a for a in args if a != arg])
+        node = OmegaConf.select(rest, parent) if parent else rest
+        keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+        close = difflib.get_close_matches(name, keys, n=1)
+        hint = f"did you mean {parent}.{close[0]}? " if close else ""
+        return (f"{arg}: no such key; {hint}{parent or 'the config'} has: {', '.join(keys)} "
+                f"(to add a key that is not there, write +{arg})")
+    except OverrideParseException as e:
+        return f"cannot parse the overrides {' '.join(args)}: {str(e).splitlines()[0]}"
+    except Exception:
+        return None  # anything else: Hydra reports it as usual
+
+
 def cli() -> None:
     """cifarlab-train: Hydra's command line, plus resume=<run folder>, which must be read before Hydra picks a
-    folder and records a config in it."""
+    folder and records a config in it, and Hydra's composition errors in one line."""
     args = sys.argv[1:]
+    problem = composition_error([a for a in args if not a.startswith("resume=")])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     given = [a for a in args if a.startswith("resume=")]
     if given:
         try:
