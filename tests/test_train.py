@@ -63,6 +63,10 @@ def test_event_files_hold_every_metric(subset_run):
     assert SCALARS <= logged.keys(), SCALARS - logged.keys()
     assert logged["test/acc"] == [pytest.approx(read_metrics(run_dir)["test_acc"])]
     assert len(logged["val/acc"]) == 4 and len(logged["time/epoch_s"]) == 4
+    # metrics.json's timing covers every epoch, not only those up to the best checkpoint that testing reloads
+    metrics = read_metrics(run_dir)
+    assert metrics["train_img_per_s_by_epoch"] == pytest.approx(logged["time/train_img_per_s"])
+    assert metrics["test_img_per_s"] > 0
     # One-cycle: up to optimizer.lr (sampled every 10 steps, so the exact peak may fall between samples), then down.
     lr, peak = logged["train/lr"], compose_config().optimizer.lr
     assert 0.8 * peak < max(lr) <= peak * (1 + 1e-6)

@@ -120,6 +120,7 @@ class EpochTimer(Callback):
         self._start: float | None = None
         self._end: float | None = None
         self._images = 0
+        self.test_img_per_s: float | None = None
 
     @staticmethod
     def _now(pl_module: L.LightningModule) -> float:
@@ -151,9 +152,19 @@ class EpochTimer(Callback):
         log_epoch_now(trainer, timing)
         self._start = None
 
-    def summary(self) -> dict[str, float | None]:
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._test_start, self._test_images = self._now(pl_module), 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._test_images += len(batch[1])
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self.test_img_per_s = self._test_images / (self._now(pl_module) - self._test_start)
+
+    def summary(self) -> dict[str, Any]:
         median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
-        return {"epoch_s": median(self.epoch_s), "train_img_per_s": median(self.img_per_s)}
+        return {"epoch_s": median(self.epoch_s), "train_img_per_s": median(self.img_per_s),
+                "train_img_per_s_by_epoch": list(self.img_per_s), "test_img_per_s": self.test_img_per_s}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_s": self.epoch_s, "img_per_s": self.img_per_s}

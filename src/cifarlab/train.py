@@ -308,10 +308,12 @@ def train(
         raise
     ckpt_cb = trainer.checkpoint_callback
     has_best = ckpt_cb is not None and ckpt_cb.best_model_path
-    test = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0]
-
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
+    # Read before testing: loading the best checkpoint also loads the timer's state as it was at that epoch.
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
+    test = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0]
+    if timer:
+        timing["test_img_per_s"] = timer.test_img_per_s
     best_val = ckpt_cb.best_model_score if has_best else None
     if not trainer.is_global_zero:  # DDP ranks 1..: rank 0 writes the results
         return {}

@@ -1,0 +1,249 @@
+#!/usr/bin/env python
+"""Training speed of the documented model three ways, in one process, on whatever device is present:
+
+  bare       a plain PyTorch loop over pre-loaded device tensors: the same model, batch size, precision and memory
+             format as cifarlab, no augmentation, no Lightning, no logging. The limit.
+  cifarlab   the real pipeline: cifarlab.train.train() with the default config (Lightning, augmentation on the
+             device, TensorBoard logging and the inspection callbacks), on the same data.
+  tutorial   the seed tutorial's recipe: torchvision.datasets.CIFAR10 with ToTensor, DataLoader(batch_size=64,
+             shuffle=True), the usual loop with SGD lr 0.01 (torchvision's md5 check bypassed for stand-in files).
+
+    .venv/bin/python scripts/benchmark.py --data-root ../shared/data/cifar10-full --out docs/benchmark-cpu.json
+
+Each reports training images/s (median over the epochs after the first, which is warm-up), evaluation images/s on
+the test set, and peak memory (GPU: torch.cuda.max_memory_allocated per method; CPU: the process's peak resident
+size so far, so it only grows), plus the ratios cifarlab / bare and cifarlab / tutorial. --quick trains on a few
+batches for a smoke test (tests run it; its speeds mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")] \
+        if cpuinfo.exists() else []
+    return f"CPU: {names[0] if names else platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def peak_mem_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
+        return hydra_compose("train", overrides=overrides)
+
+
+def evaluate(model: nn.Module, batches, device: torch.device) -> float:
+    """Images per second of a no-grad forward pass over the given batches."""
+    model.eval()
+    n, start = 0, sync(device)
+    with torch.no_grad():
+        for x, y in batches:
+            model(x.to(device, non_blocking=True)).argmax(1)
+            n += len(y)
+    seconds = sync(device) - start
+    model.train()
+    return n / seconds
+
+
+def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None) -> dict:
+    from cifarlab import config, data
+
+    torch.manual_seed(cfg.seed)
+    model = config.build_model(cfg.model).to(device)
+    optimizer = config.build_optimizer(cfg.optimizer)(model.parameters())
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    norm = data.Normalize(*data.channel_stats(arrays.train_x)).to(device)
+    train_x = norm(arrays.train_x.to(device))  # (N, 3, 32, 32) float, normalised once
+    train_y = arrays.train_y.to(device)
+    test_x, test_y = norm(arrays.test_x.to(device)), arrays.test_y.to(device)
+    bs = int(cfg.data.batch_size)
+    steps = len(train_y) // bs if max_batches is None else min(max_batches, len(train_y) // bs)
+    reset_peak(device)
+    rates = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_y), device=device)
+        start = sync(device)
+        for b in range(steps):
+            idx = order[b * bs : (b + 1) * bs]
+            loss = criterion(model(train_x[idx]), train_y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        rates.append(steps * bs / (sync(device) - start))
+    eval_bs = int(cfg.data.eval_batch_size)
+    n_test = len(test_y) if max_batches is None else min(len(test_y), max_batches * eval_bs)
+    test = [(test_x[i : i + eval_bs], test_y[i : i + eval_bs]) for i in range(0, n_test, eval_bs)]
+    return summarize(rates, evaluate(model, test, device), device, batch_size=bs)
+
+
+def cifarlab(overrides: list[str], epochs: int, max_batches: int | None, device: torch.device) -> dict:
+    from cifarlab import train
+
+    limits = [] if max_batches is None else [f"trainer.limit_train_batches={max_batches}",
+                                              f"trainer.limit_val_batches={max_batches}",
+                                              f"trainer.limit_test_batches={max_batches}"]
+    cfg = train.settle(compose([*overrides, f"trainer.max_epochs={epochs}", *limits]))
+    reset_peak(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = train.train(cfg, Path(tmp))
+    return summarize(metrics["train_img_per_s_by_epoch"], metrics["test_img_per_s"], device,
+                     batch_size=int(cfg.data.batch_size))
+
+
+class StandInCIFAR10:
+    """torchvision's CIFAR10, without its md5 check (the stand-in files are not byte-identical to the official)."""
+
+    def __new__(cls, root: str, train: bool, transform):
+        from torchvision.datasets import CIFAR10
+
+        class Unchecked(CIFAR10):
+            def _check_integrity(self) -> bool:
+                return True
+
+        return Unchecked(root, train=train, transform=transform, download=False)
+
+
+def tutorial(data_root: str, device: torch.device, epochs: int, max_batches: int | None, threads: int) -> dict:
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import ToTensor
+
+    from cifarlab import config
+
+    torch.manual_seed(0)
+    root = Path(data_root)
+    root = root.parent if root.name == "cifar-10-batches-py" else root
+    train_set = StandInCIFAR10(str(root), train=True, transform=ToTensor())
+    test_set = StandInCIFAR10(str(root), train=False, transform=ToTensor())
+    pin = device.type == "cuda"
+    train_loader = DataLoader(train_set, batch_size=64, shuffle=True, pin_memory=pin)
+    test_loader = DataLoader(test_set, batch_size=64, pin_memory=pin)
+    model = config.build_model(compose(["experiment=tutorial"]).model).to(device)  # the documented network
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    criterion = nn.CrossEntropyLoss()
+    reset_peak(device)
+    rates = []
+    for epoch in range(epochs):
+        n, start = 0, sync(device)
+        for b, (x, y) in enumerate(train_loader):
+            if max_batches is not None and b >= max_batches:
+                break
+            x, y = x.to(device), y.to(device)
+            loss = criterion(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            n += len(y)
+        rates.append(n / (sync(device) - start))
+    test = test_loader if max_batches is None else [b for _, b in zip(range(max_batches), test_loader)]
+    return summarize(rates, evaluate(model, test, device), device, batch_size=64)
+
+
+def summarize(rates: list[float], eval_rate: float, device: torch.device, batch_size: int) -> dict:
+    timed = rates[1:] if len(rates) > 1 else rates  # the first epoch is warm-up
+    return {
+        "train_img_per_s": statistics.median(timed),
+        "train_img_per_s_by_epoch": [round(r, 1) for r in rates],
+        "eval_img_per_s": eval_rate,
+        "peak_mem_mib": peak_mem_mib(device),
+        "batch_size": batch_size,
+    }
+
+
+def table(result: dict) -> str:
+    rows = ["| method | train img/s | eval img/s | peak memory MiB | batch |", "|---|---:|---:|---:|---:|"]
+    for name, r in result["results"].items():
+        rows.append(f"| {name} | {r['train_img_per_s']:,.0f} | {r['eval_img_per_s']:,.0f} | {r['peak_mem_mib']:,.0f} "
+                    f"| {r['batch_size']} |")
+    ratios = ", ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items())
+    return "\n".join(rows) + f"\n\n{ratios}\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True, help="folder holding cifar-10-batches-py/ (or that folder itself)")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per method; the first is warm-up (default 4)")
+    p.add_argument("--quick", action="store_true", help="a few batches per epoch, 2 epochs: a smoke test")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("overrides", nargs="*", help="cifarlab config overrides for all three (e.g. data.batch_size=512)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    epochs, max_batches = (2, 3) if args.quick else (args.epochs, None)
+
+    from cifarlab import data
+
+    overrides = [f"data.root={Path(args.data_root).resolve()}", f"threads={torch.get_num_threads()}", *args.overrides]
+    cfg = compose(overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    arrays = data.load_cifar10(cfg.data.root, download=False)
+    n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
+    arrays.train_x, arrays.train_y = arrays.train_x[n_val:], arrays.train_y[n_val:]  # as many images as cifarlab's
+
+    results = {
+        "bare": bare(cfg, arrays, device, epochs, max_batches),
+        "cifarlab": cifarlab(overrides, epochs, max_batches, device),
+        "tutorial": tutorial(args.data_root, device, epochs, max_batches, torch.get_num_threads()),
+    }
+    out = {
+        "device": device_name(device),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "epochs": epochs,
+        "data_source": arrays.source,
+        "precision": str(cfg.trainer.precision),
+        "results": results,
+        "ratios": {
+            "cifarlab/bare": results["cifarlab"]["train_img_per_s"] / results["bare"]["train_img_per_s"],
+            "cifarlab/tutorial": results["cifarlab"]["train_img_per_s"] / results["tutorial"]["train_img_per_s"],
+        },
+    }
+    print(f"\n{out['device']}, {out['data_source']}, {epochs} epochs each (first is warm-up), {out['precision']}\n")
+    print(table(out))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
