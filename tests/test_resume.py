@@ -85,7 +85,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics_and_steps(tmp_pat
     proc = start(run_dir, tmp_path)
     last = run_dir / "checkpoints" / checkpoint.LAST
     if moment == "before the first checkpoint":
-        wait_for(lambda: events_size(run_dir) > 0, proc, "an event file")
+        wait_for(lambda: any(b"train/loss" in p.read_bytes() for p in run_dir.glob("events.out.tfevents.*")), proc,
+                 "a training step on disk")  # mid-epoch 1: training started, nothing checkpointed yet
     else:
         wait_for(last.exists, proc, "a checkpoint")
         size = events_size(run_dir)

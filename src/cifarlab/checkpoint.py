@@ -182,7 +182,7 @@ def trim_events(log_dir: Path, until: float | None) -> int:
         if len(kept) <= 1:  # nothing left but the file_version header
             path.unlink()
             continue
-        tmp = path.with_name(f".{path.name}.trim")
+        tmp = path.with_name(f".trim-{path.name.replace('tfevents', 'events')}")  # no 'tfevents': TensorBoard skips it
         with open(tmp, "wb") as f:
             writer = RecordWriter(f)
             for r in kept:

@@ -190,6 +190,9 @@ class StopOnNonFiniteLoss(Callback):
         self._first_bad: torch.Tensor | None = None  # () int64 on the device: first non-finite step, or -1
         self._lrs: dict[int, float] = {}  # step -> learning rate, since the last check
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         step = trainer.global_step - 1  # the optimizer step this loss came from
@@ -197,7 +200,6 @@ class StopOnNonFiniteLoss(Callback):
             self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
         bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
         self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
-        self._lrs[step] = trainer.optimizers[0].param_groups[0]["lr"]
         if (step + 1) % (self.check_every or trainer.log_every_n_steps or 1) == 0:
             self._check(trainer, batch_idx)
 

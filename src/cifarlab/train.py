@@ -89,13 +89,24 @@ def settle(cfg: DictConfig) -> DictConfig:
     """Make the run independent of where it is resumed from: the data folder as an absolute path."""
     if cfg.data.get("root") is not None:
         cfg.data.root = to_absolute_path(str(cfg.data.root))
+    if cfg.get("init_from"):
+        cfg.init_from = to_absolute_path(str(cfg.init_from))
     return cfg
 
 
-def write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def stopped_run(run_dir: Path) -> str:
+    return (f"hydra.run.dir={run_dir}: holds a stopped run; continue it with `cifarlab-train resume={run_dir}` or "
+            "choose another folder")
 
 
 def finished_run(run_dir: Path) -> str:
@@ -113,6 +124,9 @@ class KeepFinishedRuns(Callback):
             return
         if (run_dir / FINISHED).exists():
             print(f"error: {finished_run(run_dir)}", file=sys.stderr)
+            sys.exit(2)
+        if (run_dir / SAVED_CONFIG).exists() and config.get("resume") is None and not is_ddp_child():
+            print(f"error: {stopped_run(run_dir)}", file=sys.stderr)
             sys.exit(2)
 
 
@@ -187,15 +201,15 @@ def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> f
             return done["best_val_acc"]
         log.error("%s: holds a finished run of another config (see its config.yaml); left alone", run_dir)
         return float("nan")
-    resume = False
-    if (run_dir / RUNNING).exists() and lock_is_stale(run_dir):
+    if (run_dir / RUNNING).exists():
+        if not lock_is_stale(run_dir):  # another process is running this job: leave its folder alone
+            log.error("%s: in use by another run (%s); skipped", run_dir, (run_dir / RUNNING).read_text().strip())
+            return float("nan")
         (run_dir / RUNNING).unlink()
-        resume = True
     if (run_dir / FAILED).exists():
         log.warning("%s: an earlier attempt failed; its files are kept in %s", run_dir, set_aside(run_dir).name)
-        resume = False
-    elif (run_dir / "checkpoints" / checkpoint.LAST).exists():
-        resume = True  # interrupted (Ctrl-C) or killed after an epoch: continue from the last checkpoint
+    # An earlier attempt that was killed or interrupted (with or without a checkpoint) is continued in place.
+    resume = (run_dir / SAVED_CONFIG).exists() or (run_dir / "checkpoints" / checkpoint.LAST).exists()
     if resume:
         log.warning("%s: an earlier attempt was stopped; continuing it", run_dir.name)
     try:
@@ -209,7 +223,7 @@ def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> f
             return train(cfg, run_dir, option_names, resume=resume)["best_val_acc"]
     except Interrupted as e:
         print(f"\n{e}\nThe sweep stopped; run the same command again to go on: finished jobs are skipped and this "
-              "one continues from its checkpoint.", file=sys.stderr)
+              "one continues where it stopped.", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         write_json(run_dir / FAILED, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
@@ -217,10 +231,12 @@ def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> f
         return float("nan")
 
 
-def resume_point(run_dir: Path, model: torch.nn.Module, sha: str) -> str | None:
+def resume_point(run_dir: Path, model: torch.nn.Module, sha: str, owner: bool = True) -> str | None:
     """The checkpoint a stopped run continues from (None: it stopped before its first epoch ended, so it starts
     again), after dropping the TensorBoard events logged after that checkpoint; every check before any data is read."""
     ckpt_dir = run_dir / "checkpoints"
+    if not owner:  # a DDP rank > 0: rank 0 tidies the folder
+        return str(ckpt_dir / checkpoint.LAST) if (ckpt_dir / checkpoint.LAST).exists() else None
     for path in checkpoint.remove_partial_saves(ckpt_dir):
         log.warning("%s: removed %s, a save the kill interrupted (the checkpoint it was replacing is intact)",
                     run_dir.name, path.name)
@@ -252,7 +268,11 @@ def init_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None, resume: bool = False
+    cfg: DictConfig,
+    run_dir: Path,
+    option_names: dict[str, str] | None = None,
+    resume: bool = False,
+    overrides: list[str] | None = None,  # for metrics.json; default: this Hydra run's
 ) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.get("threads"):
@@ -266,11 +286,11 @@ def train(
     scheduler = config.build_scheduler(cfg.scheduler)
     choices = config.choices(cfg, option_names)
     sha = config_sha(cfg)
-    if cfg.get("init_from"):
+    ckpt_path = resume_point(run_dir, model, sha, owner=not is_ddp_child()) if resume else None
+    if cfg.get("init_from") and ckpt_path is None:  # a resumed run's weights come from its checkpoint
         init_weights(model, str(cfg.init_from))
-    ckpt_path = resume_point(run_dir, model, sha) if resume else None
-    if not resume:
-        (run_dir / SAVED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))  # what resume= continues with
+    if not (run_dir / SAVED_CONFIG).exists() and not is_ddp_child():
+        write_text(run_dir / SAVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))  # what resume= continues with
 
     arrays = load_data(cfg.data, cfg.data.split_seed)
     try:
@@ -311,7 +331,13 @@ def train(
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     # Read before testing: loading the best checkpoint also loads the timer's state as it was at that epoch.
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
-    test = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0]
+    try:
+        test = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0]
+    except SystemExit:
+        if trainer.interrupted:
+            raise Interrupted(f"interrupted while testing; training had finished. Continue with: "
+                              f"cifarlab-train resume={run_dir}") from None
+        raise
     if timer:
         timing["test_img_per_s"] = timer.test_img_per_s
     best_val = ckpt_cb.best_model_score if has_best else None
@@ -335,7 +361,8 @@ def train(
         "threads": torch.get_num_threads(),
         "choices": choices,
         "best_checkpoint": os.path.relpath(ckpt_cb.best_model_path, run_dir) if has_best else None,
-        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+        "overrides": overrides if overrides is not None else
+        (list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []),
         "config_sha": sha,
         "resumed": resume,
         "wall_s": time.perf_counter() - started,
@@ -369,7 +396,7 @@ def interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
 
 def resume_overrides(folder: str, others: list[str]) -> list[str]:
     """`resume=<folder>` -> the overrides that run Hydra in that folder without rewriting its .hydra/ record."""
-    run_dir = Path(folder).expanduser()
+    run_dir = Path(folder).expanduser().resolve()  # the spelling Lightning's checkpoint paths were saved with
     if others:
         raise ConfigError(f"resume={folder} with {' '.join(others)}: a resumed run continues with the config it "
                           "started with; give resume=<run folder> alone, or start a new run to change anything")
@@ -389,36 +416,36 @@ def resume_overrides(folder: str, others: list[str]) -> list[str]:
     return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}"]
 
 
-def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None]:
-    """The config a run started with, and its option names from Hydra's record of the first start."""
+def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None, list[str] | None]:
+    """The config a run started with, and its option names and overrides from Hydra's record of the first start."""
     cfg = OmegaConf.load(run_dir / SAVED_CONFIG)
     hydra_record = run_dir / ".hydra" / "hydra.yaml"
-    choices = OmegaConf.select(OmegaConf.load(hydra_record), "hydra.runtime.choices") if hydra_record.exists() else None
-    return cfg, (dict(choices) if choices is not None else None)
+    record = OmegaConf.load(hydra_record) if hydra_record.exists() else None
+    choices = OmegaConf.select(record, "hydra.runtime.choices") if record is not None else None
+    overrides = OmegaConf.select(record, "hydra.overrides.task") if record is not None else None
+    return (cfg, dict(choices) if choices is not None else None,
+            list(overrides) if overrides is not None else None)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     runtime = HydraConfig.get().runtime
     run_dir = Path(runtime.output_dir)
-    option_names = dict(runtime.choices)
+    option_names, overrides = dict(runtime.choices), None
     resume = cfg.get("resume") is not None
     if resume:
-        cfg, option_names = saved_run(run_dir)
+        cfg, option_names, overrides = saved_run(run_dir)
     else:
         settle(cfg)
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_job(cfg, run_dir, option_names)
     if is_ddp_child():
-        train(cfg, run_dir, option_names, resume=resume)
+        train(cfg, run_dir, option_names, resume=resume, overrides=overrides)
         return None
     print_config_tree(cfg)
     try:
-        if not resume and (run_dir / "checkpoints" / checkpoint.LAST).exists():
-            raise ConfigError(f"hydra.run.dir={run_dir}: holds a stopped run; continue it with "
-                              f"`cifarlab-train resume={run_dir}` or choose another folder")
         with claim(run_dir):
-            metrics = train(cfg, run_dir, option_names, resume=resume)
+            metrics = train(cfg, run_dir, option_names, resume=resume, overrides=overrides)
     except USER_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -431,6 +458,9 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before training (reading data) or after it (testing)
+        print(f"\ninterrupted; continue with: cifarlab-train resume={run_dir}", file=sys.stderr)
         sys.exit(130)
     source = "" if metrics["data_source"] == "cifar10" else f" on {metrics['data_source']}"
     print(f"test/acc {metrics['test_acc']:.4f}{source} (best val/acc {metrics['best_val_acc']:.4f}, "
@@ -468,8 +498,11 @@ def composition_error(args: list[str]) -> str | None:
         key = found.group(1)
         arg = next((a for a in args if a.startswith(f"{key}=")), key)
         parent, _, name = key.rpartition(".")
-        rest = composed([a for a in args if a != arg])
-        node = OmegaConf.select(rest, parent) if parent else rest
+        try:
+            rest = composed([a for a in args if a != arg])
+            node = OmegaConf.select(rest, parent) if parent else rest
+        except Exception:  # another mistake among the overrides: name this one without the list
+            node = None
         keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
         close = difflib.get_close_matches(name, keys, n=1)
         hint = f"did you mean {parent}.{close[0]}? " if close else ""
@@ -490,7 +523,7 @@ def cli() -> None:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     given = [a for a in args if a.startswith("resume=")]
-    if given:
+    if given and not is_ddp_child():  # a DDP rank re-runs rank 0's rewritten command line as it is
         try:
             overrides = resume_overrides(given[-1].split("=", 1)[1], [a for a in args if a not in given])
         except ConfigError as e:
