@@ -201,12 +201,12 @@ class StopOnNonFiniteLoss(Callback):
         bad = ~torch.isfinite(loss.detach()) & (self._first_bad < 0)
         self._first_bad = torch.where(bad, torch.full_like(self._first_bad, step), self._first_bad)
         if (step + 1) % (self.check_every or trainer.log_every_n_steps or 1) == 0:
-            self._check(trainer, batch_idx)
+            self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._check(trainer, None)
+        self._check(trainer)
 
-    def _check(self, trainer, batch_idx: int | None) -> None:
+    def _check(self, trainer) -> None:
         first_bad = -1 if self._first_bad is None else int(self._first_bad)
         if first_bad < 0:
             self._lrs.clear()

@@ -104,6 +104,12 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def refuse(message: str, status: int = 2) -> None:
+    """A user mistake: one line on stderr, no traceback, a non-zero exit."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
 def stopped_run(run_dir: Path) -> str:
     return (f"hydra.run.dir={run_dir}: holds a stopped run; continue it with `cifarlab-train resume={run_dir}` or "
             "choose another folder")
@@ -123,11 +129,9 @@ class KeepFinishedRuns(Callback):
         except Exception:  # interpolations that only resolve inside the job: the task's own check covers them
             return
         if (run_dir / FINISHED).exists():
-            print(f"error: {finished_run(run_dir)}", file=sys.stderr)
-            sys.exit(2)
+            refuse(finished_run(run_dir))
         if (run_dir / SAVED_CONFIG).exists() and config.get("resume") is None and not is_ddp_child():
-            print(f"error: {stopped_run(run_dir)}", file=sys.stderr)
-            sys.exit(2)
+            refuse(stopped_run(run_dir))
 
 
 @contextlib.contextmanager
@@ -235,12 +239,12 @@ def resume_point(run_dir: Path, model: torch.nn.Module, sha: str, owner: bool = 
     """The checkpoint a stopped run continues from (None: it stopped before its first epoch ended, so it starts
     again), after dropping the TensorBoard events logged after that checkpoint; every check before any data is read."""
     ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / checkpoint.LAST
     if not owner:  # a DDP rank > 0: rank 0 tidies the folder
-        return str(ckpt_dir / checkpoint.LAST) if (ckpt_dir / checkpoint.LAST).exists() else None
+        return str(last) if last.exists() else None
     for path in checkpoint.remove_partial_saves(ckpt_dir):
         log.warning("%s: removed %s, a save the kill interrupted (the checkpoint it was replacing is intact)",
                     run_dir.name, path.name)
-    last = ckpt_dir / checkpoint.LAST
     if not last.exists():
         dropped = checkpoint.trim_events(run_dir, None)
         log.warning("%s: no checkpoint (stopped before its first epoch ended): starting it again; %d TensorBoard "
@@ -262,7 +266,7 @@ def resume_point(run_dir: Path, model: torch.nn.Module, sha: str, owner: bool = 
 def init_weights(model: torch.nn.Module, path: str) -> None:
     """init_from=<checkpoint>: start from another run's weights (fine-tuning, longer schedules)."""
     where = f"init_from={path}"
-    weights = checkpoint.network_weights(checkpoint.read_checkpoint(to_absolute_path(path), where), where)
+    weights = checkpoint.network_weights(checkpoint.read_checkpoint(path, where), where)  # settle() made it absolute
     checkpoint.check_architecture(weights, model, where)
     model.load_state_dict(weights)
 
@@ -446,16 +450,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         with claim(run_dir):
             metrics = train(cfg, run_dir, option_names, resume=resume, overrides=overrides)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, Diverged) as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Diverged as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        refuse(str(e), status=1 if isinstance(e, Diverged) else 2)  # a diverged run is not a config mistake
     except Interrupted as e:
         print(f"\n{e}", file=sys.stderr)
         sys.exit(130)
@@ -520,15 +518,13 @@ def cli() -> None:
     args = sys.argv[1:]
     problem = composition_error([a for a in args if not a.startswith("resume=")])
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        refuse(problem)
     given = [a for a in args if a.startswith("resume=")]
     if given and not is_ddp_child():  # a DDP rank re-runs rank 0's rewritten command line as it is
         try:
             overrides = resume_overrides(given[-1].split("=", 1)[1], [a for a in args if a not in given])
         except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            refuse(str(e))
         sys.argv = [sys.argv[0], *overrides]
     main()
 
