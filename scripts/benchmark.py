@@ -83,16 +83,22 @@ def evaluate(model: nn.Module, batches, device: torch.device) -> float:
 
 
 def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None) -> dict:
-    from cifarlab import config, data
+    from cifarlab import config, data, train
 
     torch.manual_seed(cfg.seed)
-    model = config.build_model(cfg.model).to(device)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = config.build_model(cfg.model).to(device, memory_format=fmt)
+    if cfg.compile:
+        model.compile()
+    precision = train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast is torch.float16)
     optimizer = config.build_optimizer(cfg.optimizer)(model.parameters())
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     norm = data.Normalize(*data.channel_stats(arrays.train_x)).to(device)
-    train_x = norm(arrays.train_x.to(device))  # (N, 3, 32, 32) float, normalised once
+    train_x = norm(arrays.train_x.to(device)).contiguous(memory_format=fmt)  # (N, 3, 32, 32) float, normalised once
     train_y = arrays.train_y.to(device)
-    test_x, test_y = norm(arrays.test_x.to(device)), arrays.test_y.to(device)
+    test_x, test_y = norm(arrays.test_x.to(device)).contiguous(memory_format=fmt), arrays.test_y.to(device)
     bs = int(cfg.data.batch_size)
     steps = len(train_y) // bs if max_batches is None else min(max_batches, len(train_y) // bs)
     reset_peak(device)
@@ -102,15 +108,19 @@ def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None
         start = sync(device)
         for b in range(steps):
             idx = order[b * bs : (b + 1) * bs]
-            loss = criterion(model(train_x[idx]), train_y[idx])
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = criterion(model(train_x[idx]), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         rates.append(steps * bs / (sync(device) - start))
     eval_bs = int(cfg.data.eval_batch_size)
     n_test = len(test_y) if max_batches is None else min(len(test_y), max_batches * eval_bs)
     test = [(test_x[i : i + eval_bs], test_y[i : i + eval_bs]) for i in range(0, n_test, eval_bs)]
-    return summarize(rates, evaluate(model, test, device), device, batch_size=bs)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        eval_rate = evaluate(model, test, device)
+    return summarize(rates, eval_rate, device, batch_size=bs)
 
 
 def cifarlab(overrides: list[str], epochs: int, max_batches: int | None, device: torch.device) -> dict:
@@ -138,39 +148,62 @@ def stand_in_cifar10(root: str, train: bool, transform):
     return Unchecked(root, train=train, transform=transform, download=False)
 
 
-def tutorial(data_root: str, device: torch.device, epochs: int, max_batches: int | None) -> dict:
-    from torch.utils.data import DataLoader
-    from torchvision.transforms import ToTensor
+class Tutorial:
+    """The seed tutorial's recipe: its data pipeline, the documented network, SGD lr 0.01, one epoch at a time."""
 
-    from cifarlab import config
+    def __init__(self, data_root: str, device: torch.device):
+        from torch.utils.data import DataLoader
+        from torchvision.transforms import ToTensor
 
-    torch.manual_seed(0)
-    root = Path(data_root)
-    root = root.parent if root.name == "cifar-10-batches-py" else root
-    train_set = stand_in_cifar10(str(root), train=True, transform=ToTensor())
-    test_set = stand_in_cifar10(str(root), train=False, transform=ToTensor())
-    pin = device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_size=64, shuffle=True, pin_memory=pin)
-    test_loader = DataLoader(test_set, batch_size=64, pin_memory=pin)
-    model = config.build_model(compose(["experiment=tutorial"]).model).to(device)  # the documented network
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    criterion = nn.CrossEntropyLoss()
-    reset_peak(device)
-    rates = []
-    for epoch in range(epochs):
-        n, start = 0, sync(device)
-        for b, (x, y) in enumerate(train_loader):
+        from cifarlab import config
+
+        torch.manual_seed(0)
+        root = Path(data_root)
+        root = root.parent if root.name == "cifar-10-batches-py" else root
+        train_set = stand_in_cifar10(str(root), train=True, transform=ToTensor())
+        test_set = stand_in_cifar10(str(root), train=False, transform=ToTensor())
+        pin = device.type == "cuda"
+        self.train_loader = DataLoader(train_set, batch_size=64, shuffle=True, pin_memory=pin)
+        self.test_loader = DataLoader(test_set, batch_size=64, pin_memory=pin)
+        self.model = config.build_model(compose(["experiment=tutorial"]).model).to(device)  # the documented network
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.criterion = nn.CrossEntropyLoss()
+        self.device = device
+
+    def epoch(self, max_batches: int | None = None) -> float:
+        """Trains one epoch; returns its training images per second."""
+        n, start = 0, sync(self.device)
+        for b, (x, y) in enumerate(self.train_loader):
             if max_batches is not None and b >= max_batches:
                 break
-            x, y = x.to(device), y.to(device)
-            loss = criterion(model(x), y)
-            optimizer.zero_grad()
+            x, y = x.to(self.device), y.to(self.device)
+            loss = self.criterion(self.model(x), y)
+            self.optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
+            self.optimizer.step()
             n += len(y)
-        rates.append(n / (sync(device) - start))
-    test = test_loader if max_batches is None else [b for _, b in zip(range(max_batches), test_loader)]
-    return summarize(rates, evaluate(model, test, device), device, batch_size=64)
+        return n / (sync(self.device) - start)
+
+    def test_batches(self, max_batches: int | None = None) -> list:
+        return [b for _, b in zip(range(max_batches or len(self.test_loader)), self.test_loader)]
+
+
+def accuracy(model: nn.Module, batches, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+            total += len(y)
+    model.train()
+    return correct / total
+
+
+def tutorial(data_root: str, device: torch.device, epochs: int, max_batches: int | None) -> dict:
+    recipe = Tutorial(data_root, device)
+    reset_peak(device)
+    rates = [recipe.epoch(max_batches) for _ in range(epochs)]
+    return summarize(rates, evaluate(recipe.model, recipe.test_batches(max_batches), device), device, batch_size=64)
 
 
 def summarize(rates: list[float], eval_rate: float, device: torch.device, batch_size: int) -> dict:
@@ -206,7 +239,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     epochs, max_batches = (2, 3) if args.quick else (args.epochs, None)
 
-    from cifarlab import data
+    from cifarlab import data, train
 
     overrides = [f"data.root={Path(args.data_root).resolve()}", f"threads={torch.get_num_threads()}", *args.overrides]
     cfg = compose(overrides)
@@ -228,14 +261,17 @@ def main() -> None:
         "quick": args.quick,
         "epochs": epochs,
         "data_source": arrays.source,
-        "precision": str(cfg.trainer.precision),
+        "precision": train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator)),
+        "channels_last": bool(cfg.channels_last),
+        "compile": bool(cfg.compile),
         "results": results,
         "ratios": {
             "cifarlab/bare": results["cifarlab"]["train_img_per_s"] / results["bare"]["train_img_per_s"],
             "cifarlab/tutorial": results["cifarlab"]["train_img_per_s"] / results["tutorial"]["train_img_per_s"],
         },
     }
-    print(f"\n{out['device']}, {out['data_source']}, {epochs} epochs each (first is warm-up), {out['precision']}\n")
+    print(f"\n{out['device']}, {out['data_source']}, {epochs} epochs each (first is warm-up), {out['precision']}, "
+          f"channels_last={out['channels_last']}, compile={out['compile']}\n")
     print(table(out))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

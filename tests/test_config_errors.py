@@ -60,6 +60,10 @@ REFUSED = [
     (["data.val_size=0"], r"data.val_size=0: must be a fraction in \(0, 1\) or an image count >= 1"),
     (["data.val_size=1.5"], r"data.val_size=1.5: must be a fraction"),
     (["label_smoothing=1.0"], r"label_smoothing=1.0: must be a number in \[0, 1\)"),
+    (["trainer.precision=fp8"], r"trainer.precision='fp8': must be one of auto, 32-true, bf16-mixed, 16-mixed"),
+    (["channels_last=maybe"], r"channels_last='maybe': must be true or false"),
+    (["compile=1"], r"compile=1: must be true or false"),
+    (["test_flips=yes"], r"test_flips='yes': must be true or false"),
     (["model.pool._target_=os.system"], r"model.pool._target_='os.system': not an allowed target"),
     (["callbacks.epoch_timer._target_=subprocess.call"], r"callbacks.epoch_timer._target_='subprocess.call': not an allowed"),
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import math
 from numbers import Real
 from typing import Any, Callable
 
@@ -33,6 +34,28 @@ LAYER_GROUPS = ("pool", "activation", "norm", "dropout")
 
 class ConfigError(ValueError):
     """A user mistake in the config; the message names the key, the bad value and what is allowed."""
+
+
+# How optimizer.lr follows data.batch_size: the factor applied to the base rate for batch_size / base_batch.
+LR_RULES: dict[str, Callable[[float], float]] = {"linear": lambda r: r, "sqrt": math.sqrt}
+
+
+def scaled_lr(base_lr: float, base_batch: int, batch_size: Any, rule: str) -> float:
+    """${cifarlab.scaled_lr:base_lr,base_batch,${data.batch_size},rule}: the learning rate for the run's batch size.
+
+    linear (SGD: k times the batch, k times the step) or sqrt (Adam-type: k times the batch, sqrt(k) times the step,
+    since the gradient noise falls as 1/sqrt(batch)).
+    """
+    if rule not in LR_RULES:
+        raise ConfigError(f"optimizer.lr: scaling rule {rule!r} is unknown; use one of {', '.join(LR_RULES)}")
+    if not (_is_int(batch_size) and batch_size >= 1):
+        return base_lr  # check_recipe refuses it, naming data.batch_size
+    return base_lr * LR_RULES[rule](batch_size / base_batch)
+
+
+OmegaConf.register_new_resolver("cifarlab.scaled_lr", scaled_lr, replace=True)
+# Lightning's precision names; auto = bf16-mixed on a GPU with bf16 (16-mixed on an older one), 32-true elsewhere.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
 
 def _fmt(value: Any) -> str:
@@ -286,6 +309,12 @@ def check_recipe(cfg: DictConfig) -> None:
     vs = cfg.data.val_size
     if not ((_is_int(vs) and vs >= 1) or (isinstance(vs, float) and 0 < vs < 1)):
         raise ConfigError(f"data.val_size={_fmt(vs)}: must be a fraction in (0, 1) or an image count >= 1")
+    precision = cfg.trainer.get("precision", "auto")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={_fmt(precision)}: must be one of {', '.join(PRECISIONS)}")
+    for key in ("channels_last", "compile", "test_flips"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{key}={_fmt(cfg.get(key))}: must be true or false")
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None:
             resolve_target(node.get("_target_"), f"callbacks.{name}")

@@ -41,14 +41,19 @@ class CifarModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         num_classes: int = 10,
+        channels_last: bool = False,
+        test_flips: bool = False,
     ):
         super().__init__()
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # NHWC batches for a model whose conv weights are NHWC (oneDNN on a CPU, tensor cores on a GPU)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.test_flips = test_flips  # evaluate on each image and its mirror image, averaging the logits
+        # validate_args=False: the argument checks read values back to the host, a sync on every step
+        acc = lambda: MulticlassAccuracy(num_classes, average="micro", validate_args=False)  # noqa: E731
+        self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps the best so far
@@ -59,7 +64,7 @@ class CifarModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self.model(x.contiguous(memory_format=self.memory_format))
         loss = self.criterion(logits, y)
         self.train_acc.update(logits, y)
         # Tensors stay on the device; Lightning reads them only every log_every_n_steps.
@@ -71,9 +76,17 @@ class CifarModule(L.LightningModule):
         log_epoch_now(self.trainer, {"train/acc": self.train_acc.compute()})  # compute() syncs DDP processes
         self.train_acc.reset()
 
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 10) logits for validation and testing (the model in eval mode)."""
+        x = x.contiguous(memory_format=self.memory_format)
+        logits = self.model(x)
+        if self.test_flips:  # test-time augmentation: the mirror image is as likely a photo as the image itself
+            logits = (logits + self.model(x.flip(3))) / 2
+        return logits
+
     def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x)
+        logits = self.eval_logits(x)
         loss_metric.update(self.criterion(logits, y), weight=len(y))
         acc_metric.update(logits, y)
         return logits.argmax(1)  # (B,) predictions, for the test figures

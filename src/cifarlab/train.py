@@ -271,12 +271,23 @@ def init_weights(model: torch.nn.Module, path: str) -> None:
     model.load_state_dict(weights)
 
 
+def training_precision(requested: str, accelerator: str) -> str:
+    """trainer.precision=auto: bf16-mixed on a GPU that has bf16 (Ampere and newer), 16-mixed on an older GPU,
+    32-true on a CPU (no bf16 units on most; autocast there only adds casts)."""
+    if requested != "auto":
+        return requested
+    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def train(
     cfg: DictConfig,
     run_dir: Path,
     option_names: dict[str, str] | None = None,
     resume: bool = False,
     overrides: list[str] | None = None,  # for metrics.json; default: this Hydra run's
+    extra_callbacks: list[L.Callback] | None = None,  # measuring tools (scripts/), beside the configured ones
 ) -> dict[str, Any]:
     started = time.perf_counter()
     if cfg.get("threads"):
@@ -289,6 +300,11 @@ def train(
     optimizer = config.build_optimizer(cfg.optimizer)
     scheduler = config.build_scheduler(cfg.scheduler)
     choices = config.choices(cfg, option_names)
+    precision = training_precision(str(cfg.trainer.get("precision", "auto")), str(cfg.trainer.accelerator))
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for what runs in fp32 on a GPU that has it
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # the conv weights; the module makes batches match
     sha = config_sha(cfg)
     ckpt_path = resume_point(run_dir, model, sha, owner=not is_ddp_child()) if resume else None
     if cfg.get("init_from") and ckpt_path is None:  # a resumed run's weights come from its checkpoint
@@ -312,13 +328,16 @@ def train(
         crop_padding=cfg.data.augment.crop_padding,
         seed=cfg.seed,
     )
-    module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing)
+    if cfg.compile:
+        model.compile()  # in place: the state_dict keys, and so the checkpoints, stay those of the plain model
+    module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing,
+                         channels_last=cfg.channels_last, test_flips=cfg.test_flips)
 
     loggers = [instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node is not None]
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
-    callbacks.append(checkpoint.ResumePoint(sha))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
-                                     plugins=[checkpoint.AtomicCheckpointIO()])
+    callbacks += [*(extra_callbacks or []), checkpoint.ResumePoint(sha)]
+    trainer: L.Trainer = instantiate(cfg.trainer, precision=precision, logger=loggers, callbacks=callbacks,
+                                     default_root_dir=str(run_dir), plugins=[checkpoint.AtomicCheckpointIO()])
     if arrays.source == "synthetic" and ckpt_path is None:  # a resumed run labelled itself when it first started
         for lg in loggers:
             if hasattr(lg, "experiment") and hasattr(lg.experiment, "add_text"):
@@ -362,6 +381,11 @@ def train(
         "n_test": len(datamodule.test_y),
         "seed": cfg.seed,
         "device": str(trainer.strategy.root_device),
+        "device_name": torch.cuda.get_device_name(trainer.strategy.root_device)
+        if trainer.strategy.root_device.type == "cuda" else "cpu",
+        "precision": precision,
+        "channels_last": cfg.channels_last,
+        "compile": cfg.compile,
         "threads": torch.get_num_threads(),
         "choices": choices,
         "best_checkpoint": os.path.relpath(ckpt_cb.best_model_path, run_dir) if has_best else None,

@@ -1,0 +1,145 @@
+"""The speed settings: precision, channels_last, torch.compile, test-time flips, the learning-rate rule for the batch
+size, and a training step that never waits for the device (no host syncs outside logging steps)."""
+
+from __future__ import annotations
+
+import math
+import os
+import traceback
+
+import lightning as L
+import pytest
+import torch
+
+from cifarlab import config, inspection, train
+from cifarlab.module import CifarModule
+from conftest import compose_config, read_metrics
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_bf16_mixed_on_a_gpu_that_has_bf16(monkeypatch):
+    assert compose_config().trainer.precision == "auto"
+    assert train.training_precision("auto", "cpu") == "32-true"
+    assert train.training_precision("16-mixed", "auto") == "16-mixed"  # an explicit choice is kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.training_precision("auto", "auto") == "bf16-mixed"
+    assert train.training_precision("auto", "gpu") == "bf16-mixed"
+    assert train.training_precision("auto", "cpu") == "32-true"  # accelerator=cpu on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
+    assert train.training_precision("auto", "auto") == "16-mixed"
+
+
+@pytest.mark.parametrize("optimizer,rule", [("adamw", math.sqrt), ("sgd", lambda r: r)])
+def test_learning_rate_follows_the_batch_size_by_the_rule_in_the_yaml(optimizer, rule):
+    base = compose_config(f"optimizer={optimizer}")
+    for batch in (64, 512, 2048):
+        cfg = compose_config(f"optimizer={optimizer}", f"data.batch_size={batch}")
+        ratio = batch / base.data.batch_size
+        assert cfg.optimizer.lr == pytest.approx(base.optimizer.lr * rule(ratio))
+        assert cfg.scheduler.max_lr == cfg.optimizer.lr  # the one-cycle peak follows
+    fixed = compose_config(f"optimizer={optimizer}", "data.batch_size=2048", "optimizer.lr=0.02")
+    assert fixed.optimizer.lr == 0.02  # a number given by the user is not scaled
+
+
+def test_an_unknown_scaling_rule_is_refused_by_name():
+    with pytest.raises(Exception, match=r"scaling rule 'cube' is unknown; use one of linear, sqrt"):
+        compose_config("optimizer.lr='${cifarlab.scaled_lr:0.1,256,${data.batch_size},cube}'").optimizer.lr
+
+
+def _module(**kwargs) -> CifarModule:
+    cfg = compose_config("model/norm=batchnorm", "model/activation=relu")
+    torch.manual_seed(0)
+    return CifarModule(config.build_model(cfg.model), config.build_optimizer(cfg.optimizer), **kwargs).eval()
+
+
+def test_channels_last_gives_the_same_logits_as_contiguous():
+    plain = _module()
+    nhwc = _module(channels_last=True)
+    nhwc.model.load_state_dict(plain.model.state_dict())
+    nhwc.model.to(memory_format=torch.channels_last)
+    assert nhwc.model.stage1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc.eval_logits(x), plain.eval_logits(x), atol=1e-4, rtol=1e-4)
+
+
+def test_test_flips_give_an_image_and_its_mirror_the_same_logits():
+    x = torch.randn(8, 3, 32, 32)
+    plain, flips = _module(), _module(test_flips=True)
+    with torch.no_grad():
+        assert not torch.allclose(plain.eval_logits(x), plain.eval_logits(x.flip(3)))
+        assert torch.equal(flips.eval_logits(x), flips.eval_logits(x.flip(3)))
+        torch.testing.assert_close(flips.eval_logits(x), (plain.model(x) + plain.model(x.flip(3))) / 2)
+
+
+def _synthetic_cfg(tmp_path, *overrides: str):
+    return train.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=256", "data.val_size=200",
+                                       "data.batch_size=50", "trainer.max_epochs=1", "trainer.log_every_n_steps=5",
+                                       "threads=2", *overrides))
+
+
+def test_compiled_run_trains_and_saves_plain_checkpoints(tmp_path):
+    cfg = _synthetic_cfg(tmp_path, "compile=true", "callbacks=plain", "trainer.limit_train_batches=6")
+    metrics = train.train(cfg, tmp_path)
+    assert metrics["compile"] is True and metrics["channels_last"] is True and metrics["precision"] == "32-true"
+    assert metrics["steps"] == 6 and read_metrics(tmp_path)["compile"] is True
+    state = torch.load(tmp_path / metrics["best_checkpoint"], weights_only=True)["state_dict"]
+    assert "model.stage1.conv.weight" in state and not any("_orig_mod" in k for k in state)
+
+
+class SyncCounter(L.Callback):
+    """Counts the tensor -> Python conversions (each one a host sync on a GPU) made during each training step.
+
+    The optimizers' own step counters are left out: torch keeps them on the host by design (non-capturable Adam/SGD),
+    so reading them is no sync on a GPU either.
+    """
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.by_step: dict[int, int] = {}
+        self.step: int | None = None
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+
+    def _counting(self, original):
+        def wrapper(tensor, *args, **kwargs):
+            if self.step is not None and not any(f"{os.sep}torch{os.sep}optim{os.sep}" in frame.filename
+                                                 for frame in traceback.extract_stack(limit=8)):
+                self.by_step[self.step] = self.by_step.get(self.step, 0) + 1
+            return original(tensor, *args, **kwargs)
+
+        return wrapper
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.step = trainer.global_step
+        self.by_step.setdefault(self.step, 0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step = None
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_except_on_logging_steps(tmp_path, monkeypatch):
+    """Every step of the real pipeline (default callbacks: TensorBoard, inspection, checkpoints, the NaN guard)
+    between log_every_n_steps is free of tensor -> Python conversions, the host syncs that stall a GPU. (Syncs inside
+    C++ ops, such as torch.unique, are not seen from Python; on a GPU, torch.cuda.set_sync_debug_mode shows those.)"""
+    counter = SyncCounter(monkeypatch)
+    cfg = _synthetic_cfg(tmp_path)
+    train.train(cfg, tmp_path, extra_callbacks=[counter])
+    every = cfg.trainer.log_every_n_steps
+    quiet = {step: n for step, n in counter.by_step.items() if (step + 1) % every}
+    logging = {step: n for step, n in counter.by_step.items() if not (step + 1) % every}
+    assert len(quiet) >= 15 and all(n == 0 for n in quiet.values()), quiet
+    assert logging and all(n > 0 for n in logging.values()), logging  # the counter does see the logging steps
+
+
+def test_inspection_is_never_in_the_per_step_path():
+    hooks = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+             "on_before_optimizer_step", "on_before_zero_grad")
+    classes = [c for c in vars(inspection).values() if isinstance(c, type) and issubclass(c, L.Callback)
+               and c is not L.Callback]
+    assert len(classes) >= 3
+    for cls in classes:
+        for hook in hooks:
+            assert getattr(cls, hook) is getattr(L.Callback, hook), f"{cls.__name__}.{hook} runs every step"
