@@ -13,7 +13,9 @@
 Each reports training images/s (median over the epochs after the first, which is warm-up), evaluation images/s on
 the test set, and peak memory (GPU: torch.cuda.max_memory_allocated per method; CPU: the process's peak resident
 size so far, so it only grows), plus the ratios cifarlab / bare and cifarlab / tutorial. --quick trains on a few
-batches for a smoke test (tests run it; its speeds mean nothing).
+batches for a smoke test (tests run it; its speeds mean nothing). --compile adds bare+compile and cifarlab+compile
+(torch.compile, whose compile time falls in the warm-up epoch) and their ratios to the eager ones. Overrides after
+the options change the model and recipe of bare and cifarlab alike (`experiment=best`: the best recipe's model).
 """
 
 from __future__ import annotations
@@ -233,6 +235,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per method; the first is warm-up (default 4)")
     p.add_argument("--quick", action="store_true", help="a few batches per epoch, 2 epochs: a smoke test")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure bare and cifarlab with compile=true (torch.compile), in the same process")
     p.add_argument("overrides", nargs="*", help="cifarlab config overrides for all three (e.g. data.batch_size=512)")
     args = p.parse_args()
     if args.threads:
@@ -253,6 +257,18 @@ def main() -> None:
         "cifarlab": cifarlab(overrides, epochs, max_batches, device),
         "tutorial": tutorial(args.data_root, device, epochs, max_batches),
     }
+    if args.compile:  # does torch.compile pay on this model? Its compile time falls in the warm-up epoch.
+        compiled = [*overrides, "compile=true"]
+        results["bare+compile"] = bare(compose(compiled), arrays, device, epochs, max_batches)
+        results["cifarlab+compile"] = cifarlab(compiled, epochs, max_batches, device)
+    ratios = {
+        "cifarlab/bare": results["cifarlab"]["train_img_per_s"] / results["bare"]["train_img_per_s"],
+        "cifarlab/tutorial": results["cifarlab"]["train_img_per_s"] / results["tutorial"]["train_img_per_s"],
+    }
+    if args.compile:
+        for name in ("bare", "cifarlab"):
+            ratios[f"{name}+compile/{name}"] = (results[f"{name}+compile"]["train_img_per_s"]
+                                                / results[name]["train_img_per_s"])
     out = {
         "device": device_name(device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -265,10 +281,7 @@ def main() -> None:
         "channels_last": bool(cfg.channels_last),
         "compile": bool(cfg.compile),
         "results": results,
-        "ratios": {
-            "cifarlab/bare": results["cifarlab"]["train_img_per_s"] / results["bare"]["train_img_per_s"],
-            "cifarlab/tutorial": results["cifarlab"]["train_img_per_s"] / results["tutorial"]["train_img_per_s"],
-        },
+        "ratios": ratios,
     }
     print(f"\n{out['device']}, {out['data_source']}, {epochs} epochs each (first is warm-up), {out['precision']}, "
           f"channels_last={out['channels_last']}, compile={out['compile']}\n")

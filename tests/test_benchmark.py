@@ -14,13 +14,13 @@ from conftest import REPO
 
 def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, subset_root):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--data-root",
-                             str(subset_root), "--out", str(out)], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--compile",
+                             "--data-root", str(subset_root), "--out", str(out)], capture_output=True, text=True,
+                            timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"].startswith(("CPU: ", "NVIDIA")) and report["quick"] is True
-    assert set(report["results"]) == {"bare", "cifarlab", "tutorial"}
+    assert set(report["results"]) == {"bare", "cifarlab", "tutorial", "bare+compile", "cifarlab+compile"}
     for name, r in report["results"].items():
         assert r["train_img_per_s"] > 0 and r["eval_img_per_s"] > 0 and r["peak_mem_mib"] > 0, name
         assert len(r["train_img_per_s_by_epoch"]) == report["epochs"] == 2
@@ -30,7 +30,10 @@ def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, s
     assert report["ratios"]["cifarlab/bare"] == pytest.approx(r["cifarlab"]["train_img_per_s"] / r["bare"]["train_img_per_s"])
     assert report["ratios"]["cifarlab/tutorial"] == pytest.approx(
         r["cifarlab"]["train_img_per_s"] / r["tutorial"]["train_img_per_s"])
-    for name in ("| bare |", "| cifarlab |", "| tutorial |", "cifarlab/bare = "):
+    for name in ("bare", "cifarlab"):  # --compile: does torch.compile pay? measured in the same process
+        assert report["ratios"][f"{name}+compile/{name}"] == pytest.approx(
+            r[f"{name}+compile"]["train_img_per_s"] / r[name]["train_img_per_s"])
+    for name in ("| bare |", "| cifarlab |", "| tutorial |", "| cifarlab+compile |", "cifarlab/bare = "):
         assert name in result.stdout
     assert report["precision"] == "32-true" and report["channels_last"] is True  # the default config, on a CPU
 
@@ -38,21 +41,46 @@ def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, s
 def test_quick_time_to_accuracy_times_the_tutorial_and_stops_cifarlab_at_the_target(tmp_path, subset_root):
     out = tmp_path / "tta.json"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "time_to_accuracy.py"), "--quick", "--data-root",
-                             str(subset_root), "--out", str(out)], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+                             str(subset_root), "--out", str(out), "--also", "experiment=best trainer.max_epochs=2"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     tutorial, cifarlab = report["tutorial"], report["cifarlab"]
     assert report["target_test_acc"] == tutorial["test_acc"] == tutorial["epochs"][-1]["test_acc"]
     assert [e["epoch"] for e in tutorial["epochs"]] == [1, 2]
     assert tutorial["wall_s"] == tutorial["epochs"][-1]["wall_s"] > tutorial["epochs"][0]["wall_s"] > 0
-    walls = [e["wall_s"] for e in cifarlab["epochs"]]
-    assert walls == sorted(walls) and walls[0] > 0
-    accs = [e["test_acc"] for e in cifarlab["epochs"]]
-    if cifarlab["reached"]:  # stopped at the first epoch that reached the target
-        assert accs[-1] >= report["target_test_acc"] > max(accs[:-1], default=-1)
-        assert cifarlab["epoch"] == len(accs) and cifarlab["wall_s"] == walls[-1]
-        assert report["ratio_wall_s"] == pytest.approx(cifarlab["wall_s"] / tutorial["wall_s"])
-    else:
-        assert len(accs) == cifarlab["max_epochs"] and max(accs) < report["target_test_acc"]
-        assert report["ratio_wall_s"] is None
+    (also,) = report["also"]  # --also: a second recipe, timed against the same target and tutorial
+    assert also["overrides"] == ["experiment=best", "trainer.max_epochs=2"] and also["max_epochs"] == 2
+    for run in (cifarlab, also):
+        probes = run["probes"]
+        walls, accs, epochs = ([e[k] for e in probes] for k in ("wall_s", "test_acc", "epoch"))
+        assert walls == sorted(walls) and walls[0] > 0
+        assert epochs == sorted(set(epochs)) and 0 < epochs[0] < 1  # scored within epochs, not only at their ends
+        assert [e["step"] for e in probes] == sorted({e["step"] for e in probes})
+        ratio = report["ratio_wall_s"] if run is cifarlab else run["ratio_wall_s"]
+        if run["reached"]:  # stopped at the first probe that reached the target
+            assert accs[-1] >= report["target_test_acc"] > max(accs[:-1], default=-1)
+            assert run["epoch"] == epochs[-1] and run["wall_s"] == walls[-1]
+            assert ratio == pytest.approx(run["wall_s"] / tutorial["wall_s"])
+        else:
+            assert epochs[-1] == run["max_epochs"] and max(accs) < report["target_test_acc"]
+            assert ratio is None
+    assert "cifarlab experiment=best trainer.max_epochs=2: " in result.stdout
+
+
+@pytest.mark.parametrize("target,reached", [(0.0, True), (1.01, False)])
+def test_time_to_accuracy_stops_at_the_first_probe_that_reaches_the_target(tmp_path, subset_root, target, reached):
+    out = tmp_path / "tta.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "time_to_accuracy.py"), "--quick", "--data-root",
+                             str(subset_root), "--target", str(target), "--out", str(out), "trainer.max_epochs=2"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cifarlab, probes = report["cifarlab"], report["cifarlab"]["probes"]
+    assert report["tutorial"] is None and report["ratio_wall_s"] is None and cifarlab["reached"] is reached
+    if reached:  # the very first probe, a third of the way into the first epoch (3 batches in --quick)
+        assert len(probes) == 1 and cifarlab["epoch"] == probes[0]["epoch"] == pytest.approx(1 / 3, abs=1e-3)
+        assert "after epoch 0.333" in result.stdout
+    else:  # every probe of both epochs, none enough
+        assert [p["epoch"] for p in probes] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2], abs=1e-3)
+        assert "did not reach it in 2 epochs" in result.stdout

@@ -64,6 +64,8 @@ REFUSED = [
     (["channels_last=maybe"], r"channels_last='maybe': must be true or false"),
     (["compile=1"], r"compile=1: must be true or false"),
     (["test_flips=yes"], r"test_flips='yes': must be true or false"),
+    (["test_shift=-1"], r"test_shift=-1: must be an int in \[0, 8\] \(px; 0 = no shifted test views\)"),
+    (["test_shift=12"], r"test_shift=12: must be an int in \[0, 8\]"),
     (["model.pool._target_=os.system"], r"model.pool._target_='os.system': not an allowed target"),
     (["callbacks.epoch_timer._target_=subprocess.call"], r"callbacks.epoch_timer._target_='subprocess.call': not an allowed"),
 ]

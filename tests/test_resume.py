@@ -10,13 +10,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
-from cifarlab import checkpoint
-from conftest import CLI, read_metrics, run_cli
+from cifarlab import checkpoint, train
+from conftest import CLI, compose_config, read_metrics, run_cli
 
 # Dropout and RReLU draw from the global RNG every step, so equal results need the RNG restored too. Logging every
 # step makes the event file grow during an epoch, so a kill can be timed after events were written.
@@ -163,3 +164,26 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_learning_rate(tmp_path
     assert not (tmp_path / "run" / "metrics.json").exists()
     counts, _ = logged(tmp_path / "run")
     assert max((step for tag, step in counts if tag == "train/loss"), default=0) < 20  # stopped within one check
+
+
+class CheckpointEpochs(L.Callback):
+    """At the start of each epoch after the first: the epoch last.ckpt and best.ckpt were written after."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.seen = folder, []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch:
+            epoch = lambda name: torch.load(self.folder / name, weights_only=True)["epoch"]  # noqa: E731
+            self.seen.append((trainer.current_epoch, epoch(checkpoint.LAST), epoch("best.ckpt")))
+
+
+def test_last_checkpoint_is_written_after_every_epoch_not_only_the_improving_ones(tmp_path):
+    """resume= continues from last.ckpt, so it must hold the epoch just finished even when val/acc did not improve
+    (Lightning's save_last alone writes it only alongside a new best checkpoint)."""
+    cfg = train.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=200", "data.val_size=200",
+                                      "trainer.max_epochs=4", "callbacks=plain", "threads=1"))
+    probe = CheckpointEpochs(tmp_path / "checkpoints")
+    train.train(cfg, tmp_path, extra_callbacks=[probe])
+    assert [(epoch - 1, epoch - 1) for epoch, _, _ in probe.seen] == [(last, epoch - 1) for epoch, last, _ in probe.seen]
+    assert any(best < epoch - 1 for epoch, _, best in probe.seen), probe.seen  # some epoch did not improve val/acc

@@ -11,6 +11,8 @@ import lightning as L
 import pytest
 import torch
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from cifarlab import config, inspection, train
 from cifarlab.module import CifarModule
 from conftest import compose_config, read_metrics
@@ -72,15 +74,56 @@ def test_test_flips_give_an_image_and_its_mirror_the_same_logits():
         torch.testing.assert_close(flips.eval_logits(x), (plain.model(x) + plain.model(x.flip(3))) / 2)
 
 
+@pytest.mark.parametrize("flips", [False, True])
+def test_test_shift_adds_copies_moved_up_left_and_down_right_and_averages_their_logits(flips):
+    shift = 2
+    module = _module(test_flips=flips, test_shift=shift)
+    x = torch.randn(4, 3, 32, 32)
+    views = module.test_views(x).unflatten(0, (-1, 4))  # (V, B, C, H, W)
+    assert len(views) == (6 if flips else 3)
+    assert torch.equal(views[0], x)
+    # Inside the reflect padding, each shifted copy is the image moved by `shift` px along both axes.
+    assert torch.equal(views[1][..., shift:, shift:], x[..., :-shift, :-shift])  # content moved down-right
+    assert torch.equal(views[2][..., :-shift, :-shift], x[..., shift:, shift:])  # content moved up-left
+    if flips:
+        assert all(torch.equal(views[3 + i], views[i].flip(3)) for i in range(3))
+    with torch.no_grad():
+        expected = torch.stack([module.model(v) for v in views]).mean(0)
+        torch.testing.assert_close(module.eval_logits(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_test_with_flips_also_reports_the_accuracy_without_them():
+    """test/acc_no_flips is the same checkpoint on the same images without the mirror: what the flips bought."""
+    torch.manual_seed(0)
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))  # sees left from right
+    module = CifarModule(linear, config.build_optimizer(compose_config().optimizer), test_flips=True)
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():
+        y = module.model(x).argmax(1)  # labels the unflipped model gets all right
+        flip_acc = ((module.model(x) + module.model(x.flip(3))).argmax(1) == y).float().mean().item()
+    assert flip_acc < 1  # so the two figures differ
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    batches = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    result = trainer.test(module, dataloaders=batches, verbose=False)[0]
+    assert result["test/acc_no_tta"] == 1.0
+    assert result["test/acc"] == pytest.approx(flip_acc)
+    no_flips = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    plain = CifarModule(linear, config.build_optimizer(compose_config().optimizer))
+    assert "test/acc_no_tta" not in no_flips.test(plain, dataloaders=batches, verbose=False)[0]
+
+
 def _synthetic_cfg(tmp_path, *overrides: str):
     return train.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=256", "data.val_size=200",
                                        "data.batch_size=50", "trainer.max_epochs=1", "trainer.log_every_n_steps=5",
                                        "threads=2", *overrides))
 
 
-def test_compiled_run_trains_and_saves_plain_checkpoints(tmp_path):
-    cfg = _synthetic_cfg(tmp_path, "compile=true", "callbacks=plain", "trainer.limit_train_batches=6")
+def test_compiled_run_trains_logs_its_graph_and_saves_plain_checkpoints(tmp_path):
+    cfg = _synthetic_cfg(tmp_path, "compile=true", "test_flips=true", "trainer.limit_train_batches=6")
     metrics = train.train(cfg, tmp_path)
+    graph = EventAccumulator(str(tmp_path)).Reload().Graph()  # traced from the eager module (jit.trace can't compiled)
+    assert any(node.op == "aten::_convolution" for node in graph.node)
+    assert 0 <= metrics["test_acc_no_tta"] <= 1 and 0 <= metrics["test_acc"] <= 1
     assert metrics["compile"] is True and metrics["channels_last"] is True and metrics["precision"] == "32-true"
     assert metrics["steps"] == 6 and read_metrics(tmp_path)["compile"] is True
     state = torch.load(tmp_path / metrics["best_checkpoint"], weights_only=True)["state_dict"]

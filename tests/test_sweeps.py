@@ -50,7 +50,11 @@ def test_every_named_grid_runs_one_job_per_configuration(tmp_path, name):
     for f in folders:
         m = read_metrics(f)
         c = m["choices"]
-        assert f.name == f"{f.name.split('_')[0]}_{c['pool']}-{c['activation']}-{c['norm']}-{c['dropout']}_s{m['seed']}"
+        if "ablate" in params:  # an ablation of a recipe: named by what it takes out
+            choice = dict(o.split("=", 1) for o in m["overrides"])["ablate"]
+            assert f.name == f"{f.name.split('_')[0]}_{choice}_s{m['seed']}"
+        else:
+            assert f.name == f"{f.name.split('_')[0]}_{c['pool']}-{c['activation']}-{c['norm']}-{c['dropout']}_s{m['seed']}"
 
 
 @pytest.fixture(scope="module")

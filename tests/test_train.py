@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifarlab import config, data
 from cifarlab.model import count_parameters
-from conftest import compose_config, read_metrics, run_cli
+from conftest import compose_config, option_names, read_metrics, run_cli
 
 METRIC_KEYS = {"test_acc", "best_val_acc", "params", "epochs", "epoch_s", "train_img_per_s", "data_source"}
 SCALARS = {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "test/loss", "test/acc", "time/epoch_s",
@@ -139,8 +139,9 @@ def test_synthetic_data_is_labelled_as_such_everywhere(tmp_path):
 
 def test_help_lists_every_group_and_cfg_prints_the_config(tmp_path):
     help_text = run_cli("--help", cwd=tmp_path, timeout=120).stdout
-    for line in ("model/pool: avg, lp, max", "model/norm: batchnorm, groupnorm, none", "experiment: tutorial"):
+    for line in ("model/pool: avg, lp, max", "model/norm: batchnorm, groupnorm, none", "experiment: best, tutorial"):
         assert line in help_text
+    assert f"ablate: {', '.join(option_names('ablate'))}" in help_text
     job = run_cli("--cfg", "job", "model/pool=avg", cwd=tmp_path, timeout=120).stdout
     assert "_target_: torch.nn.AvgPool2d" in job and "divisor_override: null" in job
 

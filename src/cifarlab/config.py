@@ -315,6 +315,9 @@ def check_recipe(cfg: DictConfig) -> None:
     for key in ("channels_last", "compile", "test_flips"):
         if not isinstance(cfg.get(key, False), bool):
             raise ConfigError(f"{key}={_fmt(cfg.get(key))}: must be true or false")
+    shift = cfg.get("test_shift", 0)
+    if not (_is_int(shift) and 0 <= shift <= 8):
+        raise ConfigError(f"test_shift={_fmt(shift)}: must be an int in [0, 8] (px; 0 = no shifted test views)")
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None:
             resolve_target(node.get("_target_"), f"callbacks.{name}")

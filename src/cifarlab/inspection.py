@@ -193,6 +193,8 @@ def log_graph(writer: SummaryWriter, model: nn.Module, example: torch.Tensor) ->
     (torch's add_graph switches to eval itself today; we do not depend on it.)
     """
     was_training = model.training
+    compiled = getattr(model, "_compiled_call_impl", None)  # set by model.compile() (compile=true)
+    model._compiled_call_impl = None  # trace the eager module: torch.jit.trace cannot trace a compiled one
     model.eval()
     try:
         with warnings.catch_warnings():
@@ -204,6 +206,7 @@ def log_graph(writer: SummaryWriter, model: nn.Module, example: torch.Tensor) ->
             writer.add_graph(model, example)
     finally:
         model.train(was_training)
+        model._compiled_call_impl = compiled
 
 
 class ModelGraph(Callback):

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -43,6 +44,7 @@ class CifarModule(L.LightningModule):
         num_classes: int = 10,
         channels_last: bool = False,
         test_flips: bool = False,
+        test_shift: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -50,10 +52,13 @@ class CifarModule(L.LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # NHWC batches for a model whose conv weights are NHWC (oneDNN on a CPU, tensor cores on a GPU)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.test_flips = test_flips  # evaluate on each image and its mirror image, averaging the logits
+        # Test-time augmentation: evaluate on several views of each image (its mirror image; copies shifted by
+        # test_shift px) and average the logits. Validation uses it too, so the best checkpoint is chosen by it.
+        self.test_flips, self.test_shift = test_flips, test_shift
         # validate_args=False: the argument checks read values back to the host, a sync on every step
         acc = lambda: MulticlassAccuracy(num_classes, average="micro", validate_args=False)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
+        self.test_acc_no_tta = acc()  # with test-time views: the same checkpoint on the images alone, for comparison
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps the best so far
@@ -76,17 +81,45 @@ class CifarModule(L.LightningModule):
         log_epoch_now(self.trainer, {"train/acc": self.train_acc.compute()})  # compute() syncs DDP processes
         self.train_acc.reset()
 
-    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 10) logits for validation and testing (the model in eval mode)."""
-        x = x.contiguous(memory_format=self.memory_format)
-        logits = self.model(x)
-        if self.test_flips:  # test-time augmentation: the mirror image is as likely a photo as the image itself
-            logits = (logits + self.model(x.flip(3))) / 2
-        return logits
+    @property
+    def tta(self) -> bool:
+        return self.test_flips or self.test_shift > 0
 
-    def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
+    def test_views(self, x: torch.Tensor) -> torch.Tensor:
+        """(V*B, C, H, W): the batch x (B, C, H, W) itself first, then the other test-time views of it.
+
+        test_shift=s adds the image moved s px up-left and s px down-right (reflect-padded, as the training crops
+        are); test_flips adds the mirror image of every view. The views are one batch: one forward pass.
+        """
+        views = [x]
+        if self.test_shift:
+            s, (h, w) = self.test_shift, x.shape[-2:]
+            padded = F.pad(x, (s,) * 4, mode="reflect")  # (B, C, H+2s, W+2s)
+            views += [padded[..., :h, :w], padded[..., 2 * s : 2 * s + h, 2 * s : 2 * s + w]]
+        if self.test_flips:  # the mirror image is as likely a photo as the image itself
+            views += [v.flip(3) for v in views]
+        return torch.cat(views)
+
+    def _logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 10) logits averaged over the test-time views, and (B, 10) logits of the images alone."""
+        x = x.contiguous(memory_format=self.memory_format)
+        if not self.tta:
+            logits = self.model(x)
+            return logits, logits
+        views = self.test_views(x).contiguous(memory_format=self.memory_format)
+        per_view = self.model(views).unflatten(0, (-1, len(x)))  # (V, B, 10)
+        return per_view.mean(0), per_view[0]
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 10) logits for validation and testing (the model in eval mode), over the test-time views."""
+        return self._logits(x)[0]
+
+    def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy,
+                   single_view_acc: MulticlassAccuracy | None = None) -> torch.Tensor:
         x, y = batch
-        logits = self.eval_logits(x)
+        logits, alone = self._logits(x)
+        if self.tta and single_view_acc is not None:
+            single_view_acc.update(alone, y)
         loss_metric.update(self.criterion(logits, y), weight=len(y))
         acc_metric.update(logits, y)
         return logits.argmax(1)  # (B,) predictions, for the test figures
@@ -105,12 +138,14 @@ class CifarModule(L.LightningModule):
             self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, self.test_loss, self.test_acc)
+        return self._eval_step(batch, self.test_loss, self.test_acc, self.test_acc_no_tta)
 
     def on_test_epoch_end(self) -> None:
         self.log("test/loss", self.test_loss.compute(), sync_dist=True)
         self.log("test/acc", self.test_acc.compute(), sync_dist=True)
-        self.test_loss.reset(), self.test_acc.reset()
+        if self.tta:  # what the test-time views bought, measured on the same checkpoint and images
+            self.log("test/acc_no_tta", self.test_acc_no_tta.compute(), sync_dist=True)
+        self.test_loss.reset(), self.test_acc.reset(), self.test_acc_no_tta.reset()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())

@@ -27,8 +27,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 FINISHED, FAILED = "metrics.json", "failed.json"
-# The documented model: what every row is compared with.
+# The documented model: what every row is compared with...
 BASELINE = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
+# ...except in an ablation (`ablate=...` is an axis), where each row takes one ingredient out of the recipe itself.
+RECIPE = ("ablate", "none")
 IGNORED_KEYS = ("seed", "hydra.", "launcher", "sweep", "threads", "hparams_search")
 
 
@@ -55,7 +57,7 @@ class Row:
 
     def std(self, name: str) -> float:
         v = self.values(name)
-        return statistics.stdev(v) if len(v) > 1 else 0.0 if v else math.nan
+        return statistics.stdev(v) if len(v) > 1 else math.nan  # one seed says nothing about the spread
 
     @property
     def done(self) -> int:
@@ -65,7 +67,7 @@ class Row:
     def failed(self) -> list[Job]:
         return [j for j in self.jobs if not j.metrics]
 
-    def is_baseline(self) -> bool:
+    def is_documented_model(self) -> bool:
         choices = next((j.metrics["choices"] for j in self.jobs if j.metrics), None)
         return choices is not None and all(choices.get(k) == v for k, v in BASELINE.items())
 
@@ -121,22 +123,35 @@ def _pct(x: float) -> str:
     return "—" if math.isnan(x) else f"{100 * x:.2f}"
 
 
-CSV_FIELDS = ["configuration", "test_acc_mean", "test_acc_std", "delta_vs_baseline", "best_val_acc_mean",
-              "best_val_acc_std", "params", "epoch_s", "seeds", "failed"]
+def _pct_spread(mean: float, std: float) -> str:
+    """'84.86 ± 0.31' over several seeds; '84.86' alone for one seed (no ± 0.00 that would pass for a measurement)."""
+    return _pct(mean) if math.isnan(std) and not math.isnan(mean) else f"{_pct(mean)} ± {_pct(std)}"
+
+
+CSV_FIELDS = ["configuration", "test_acc_mean", "test_acc_std", "delta_vs_baseline", "test_acc_no_tta_mean",
+              "best_val_acc_mean", "best_val_acc_std", "params", "epoch_s", "seeds", "failed"]
+
+
+def baseline_row(rows: list[Row]) -> Row | None:
+    """In an ablation sweep the row of `ablate=none`; otherwise the documented model's row, if the grid has one."""
+    return next((r for r in rows if RECIPE in r.key), None) or next((r for r in rows if r.is_documented_model()), None)
 
 
 def summarize(rows: list[Row]) -> list[dict]:
     """One dict of raw numbers per row (CSV_FIELDS, plus `baseline`): what the CSV holds and the table formats."""
-    baseline = next((r for r in rows if r.is_baseline()), None)
+    baseline = baseline_row(rows)
     out = []
     for r in rows:
         params = r.values("params")
         out.append({
             "configuration": r.label(),
             "baseline": r is baseline,
+            "baseline_is": ("the recipe itself" if RECIPE in r.key else "documented model") if r is baseline else None,
             "test_acc_mean": r.mean("test_acc"),
             "test_acc_std": r.std("test_acc"),
             "delta_vs_baseline": r.mean("test_acc") - baseline.mean("test_acc") if baseline else math.nan,
+            # runs with test-time views (test_flips, test_shift): the same checkpoints scored on the images alone
+            "test_acc_no_tta_mean": r.mean("test_acc_no_tta"),
             "best_val_acc_mean": r.mean("best_val_acc"),
             "best_val_acc_std": r.std("best_val_acc"),
             "params": int(params[0]) if params else None,
@@ -148,17 +163,19 @@ def summarize(rows: list[Row]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = ["configuration", "test acc % (mean ± std)", "Δ vs baseline", "best val acc %", "params", "s/epoch",
-              "seeds", "failed"]
+    tta = any(not math.isnan(s["test_acc_no_tta_mean"]) for s in summary)
+    header = ["configuration", "test acc % (mean ± std)", "Δ vs baseline", *(["without test-time views"] if tta else []),
+              "best val acc %", "params", "s/epoch", "seeds", "failed"]
     body = []
     for s in summary:
         delta = "baseline" if s["baseline"] else (
             "—" if math.isnan(s["delta_vs_baseline"]) else f"{100 * s['delta_vs_baseline']:+.2f}")
         body.append([
-            s["configuration"] + (" (documented model)" if s["baseline"] else ""),
-            f"{_pct(s['test_acc_mean'])} ± {_pct(s['test_acc_std'])}",
+            s["configuration"] + (f" ({s['baseline_is']})" if s["baseline"] else ""),
+            _pct_spread(s["test_acc_mean"], s["test_acc_std"]),
             delta,
-            f"{_pct(s['best_val_acc_mean'])} ± {_pct(s['best_val_acc_std'])}",
+            *([_pct(s["test_acc_no_tta_mean"])] if tta else []),
+            _pct_spread(s["best_val_acc_mean"], s["best_val_acc_std"]),
             f"{s['params']:,}" if s["params"] is not None else "—",
             f"{s['epoch_s']:.2f}" if s["seeds"] else "—",
             str(s["seeds"]),
@@ -170,6 +187,7 @@ def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
 def plot(rows: list[Row], path: Path) -> None:
     axes = [k for k, _ in rows[0].key] if rows and rows[0].key else []
     done = [r for r in rows if r.done]
+    baseline = baseline_row(rows)
     if len(axes) == 2 and done:
         a, b = axes
         in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
@@ -190,8 +208,8 @@ def plot(rows: list[Row], path: Path) -> None:
     else:
         fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(done) + 2), 4.5))
         ax.bar(range(len(done)), [100 * r.mean("test_acc") for r in done],
-               yerr=[100 * r.std("test_acc") for r in done], capsize=3,
-               color=["tab:orange" if r.is_baseline() else "tab:blue" for r in done])
+               yerr=[100 * np.nan_to_num(r.std("test_acc")) for r in done], capsize=3,
+               color=["tab:orange" if r is baseline else "tab:blue" for r in done])
         ax.set_xticks(range(len(done)), [r.label() for r in done], rotation=45, ha="right")
         ax.set_ylabel("test accuracy % (mean ± std over seeds)")
     ax.set_title(path.parent.name)

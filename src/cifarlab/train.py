@@ -331,7 +331,8 @@ def train(
     if cfg.compile:
         model.compile()  # in place: the state_dict keys, and so the checkpoints, stay those of the plain model
     module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing,
-                         channels_last=cfg.channels_last, test_flips=cfg.test_flips)
+                         channels_last=cfg.channels_last, test_flips=cfg.test_flips,
+                         test_shift=cfg.test_shift)
 
     loggers = [instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node is not None]
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
@@ -355,7 +356,8 @@ def train(
     # Read before testing: loading the best checkpoint also loads the timer's state as it was at that epoch.
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
     try:
-        test = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)[0]
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_cb.best_model_path if has_best else None,
+                            verbose=False)[0]
     except SystemExit:
         if trainer.interrupted:
             raise Interrupted(f"interrupted while testing; training had finished. Continue with: "
@@ -369,6 +371,7 @@ def train(
     metrics = {
         "test_acc": test["test/acc"],
         "test_loss": test["test/loss"],
+        **({"test_acc_no_tta": test["test/acc_no_tta"]} if module.tta else {}),
         "best_val_acc": float(best_val) if best_val is not None else None,
         "params": count_parameters(model),
         "epochs": trainer.current_epoch,
