@@ -191,6 +191,36 @@ def test_crop_and_flip_move_pixels_but_keep_them():
     assert not torch.equal(flipped, x) and not torch.equal(flipped, x.flip(3))
 
 
+def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
+    """flip=alternate: a seeded random half in epoch 0, the other half in epoch 1, the first half again in epoch 2."""
+    n = 64
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)  # no image is its own mirror
+    epoch = {"now": 0}
+
+    def mirrored(seed: int) -> torch.Tensor:  # (n,) bool: which images this epoch's batches hold mirrored
+        it = DeviceBatches(images, torch.arange(n), 16, lambda x: x, train=True, seed=seed, flip="alternate",
+                           epoch=lambda: epoch["now"])
+        out = torch.zeros(n, dtype=torch.bool)
+        seen = []
+        for x, y in it:
+            for img, i in zip(x, y.tolist()):
+                original = images[i].float() / 255
+                assert torch.equal(img, original) or torch.equal(img, original.flip(2))
+                out[i] = not torch.equal(img, original)
+                seen.append(i)
+        assert sorted(seen) == list(range(n))
+        return out
+
+    by_epoch = []
+    for e in range(3):
+        epoch["now"] = e
+        by_epoch.append(mirrored(seed=0))
+    assert 16 < int(by_epoch[0].sum()) < 48  # about half
+    assert torch.equal(by_epoch[1], ~by_epoch[0]) and torch.equal(by_epoch[2], by_epoch[0])
+    epoch["now"] = 0
+    assert not torch.equal(mirrored(seed=1), by_epoch[0])  # the halves are the run seed's
+
+
 def test_eval_batches_cover_every_image_in_order():
     images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
     it = DeviceBatches(images, torch.arange(10), 4, Normalize(torch.zeros(3), torch.ones(3)))

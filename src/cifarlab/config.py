@@ -303,6 +303,10 @@ def check_recipe(cfg: DictConfig) -> None:
     ls = cfg.label_smoothing
     if not (_number(ls) and 0 <= ls < 1):
         raise ConfigError(f"label_smoothing={_fmt(ls)}: must be a number in [0, 1)")
+    flip = cfg.data.augment.flip
+    if not (isinstance(flip, bool) or flip == "alternate"):
+        raise ConfigError(f"data.augment.flip={_fmt(flip)}: must be true (coin flips), false or alternate "
+                          "(each image mirrored every other epoch)")
     pad = cfg.data.augment.crop_padding
     if not (_is_int(pad) and 0 <= pad <= 16):
         raise ConfigError(f"data.augment.crop_padding={_fmt(pad)}: must be an int in [0, 16] (px; 0 = no crop)")

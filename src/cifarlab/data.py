@@ -242,7 +242,23 @@ def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tens
 
 def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     flip = (torch.rand(x.shape[0], generator=g, device=g.device) < 0.5).to(x.device)
+    return flip_where(x, flip)
+
+
+def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W) with the images where flip (B,) is True mirrored left-right."""
     return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of n training images to mirror in this epoch (airbench's alternating flip).
+
+    Epoch 0 mirrors a random half (seeded per run); every odd epoch mirrors exactly the other half, every even one the
+    first half again. Each image is so seen both ways every two epochs, where coin flips leave about a quarter of the
+    images the same way round in both.
+    """
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 + 7)) < 0.5  # (n,)
+    return first ^ bool(epoch % 2)
 
 
 class DeviceBatches:
@@ -262,7 +278,7 @@ class DeviceBatches:
         train: bool = False,
         seed: int = 0,
         epoch: Callable[[], int] = lambda: 0,
-        flip: bool = False,
+        flip: bool | str = False,  # True: coin flips; "alternate": alternating_flips
         crop_padding: int = 0,
         rank: int = 0,
         world: int = 1,
@@ -286,6 +302,8 @@ class DeviceBatches:
         # Same permutation on every rank (same seed), then each rank its own slice of it.
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         order = order[self.rank :: self.world][: len(self.labels) // self.world].to(self.images.device)
+        if self.flip == "alternate":  # indexed by image (not by position in the epoch), so the halves swap each epoch
+            mirror = alternating_flips(len(self.labels), self.seed, epoch).to(self.images.device)
         for b in range(len(self)):
             idx = order[b * bs : (b + 1) * bs]
             x = self.images[idx].float().div_(255)  # (B, 3, 32, 32) in [0, 1]
@@ -293,7 +311,9 @@ class DeviceBatches:
             g = torch.Generator(device=x.device).manual_seed(step * self.world + self.rank)
             if self.crop_padding:
                 x = random_crop(x, self.crop_padding, g)
-            if self.flip:
+            if self.flip == "alternate":
+                x = flip_where(x, mirror[idx])
+            elif self.flip:
                 x = random_flip(x, g)
             yield self.transform(x), self.labels[idx]
 
@@ -334,7 +354,7 @@ class CifarDataModule(L.LightningDataModule):
         batch_size: int,
         eval_batch_size: int,
         normalize: bool,
-        flip: bool,
+        flip: bool | str,
         crop_padding: int,
         seed: int,
     ):
