@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Test accuracy of finished runs' best checkpoints on the whole test set and on two slices of it.
+
+    .venv/bin/python scripts/score_slices.py --split 1017 outputs/runs/<date>/<run> [more runs]
+
+Each run is scored the way it was tested (its own config: model, normalisation from its training split, test-time
+views), on test images [0, split) and [split, end) and on all of them. `../shared/data/cifar10-full` is why: its first
+1,017 test images are the official bytes, the rest were decoded from JPEG copies, so the first slice is the figure
+closest to the official test set. `--data-root DIR` reads the data from DIR instead of the run's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from cifarlab import checkpoint, config, data
+from cifarlab.module import CifarModule
+from cifarlab.train import load_data
+
+
+def score(run_dir: Path, split: int, data_root: str | None) -> dict:
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if data_root is not None:
+        cfg.data.root = data_root
+    arrays = load_data(cfg.data, cfg.data.split_seed)
+    if not 0 < split < len(arrays.test_y):
+        sys.exit(f"--split {split}: must be between 1 and {len(arrays.test_y) - 1} (the test set has "
+                 f"{len(arrays.test_y)} images)")
+    datamodule = data.CifarDataModule(  # the run's own split and normalisation; no training, so no augmentation
+        arrays, n_val=data.val_count(cfg.data.val_size, len(arrays.train_y)), split_seed=cfg.data.split_seed,
+        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, normalize=cfg.data.normalize,
+        flip=False, crop_padding=0, seed=cfg.seed)
+    model = config.build_model(cfg.model)
+    where = str(run_dir / "checkpoints" / "best.ckpt")
+    weights = checkpoint.network_weights(checkpoint.read_checkpoint(where, where), where)
+    checkpoint.check_architecture(weights, model, where)
+    model.load_state_dict(weights)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=cfg.test_flips,
+                         test_shift=cfg.test_shift).eval()
+    correct = []
+    with torch.no_grad():
+        for x, y in datamodule.test_dataloader():
+            correct.append(module.eval_logits(x).argmax(1) == y)
+    hit = torch.cat(correct).float()  # (N,) 1 where the prediction is right
+    return {"run": str(run_dir), "n": [split, len(hit) - split],
+            "test_acc": hit.mean().item(), "first": hit[:split].mean().item(), "rest": hit[split:].mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with config.yaml, checkpoints/best.ckpt)")
+    parser.add_argument("--split", type=int, default=1017, help="first test index of the second slice (1017)")
+    parser.add_argument("--data-root", help="read the data here instead of the run config's data.root")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    for run in args.runs:
+        if not (run / "config.yaml").is_file() or not (run / "checkpoints" / "best.ckpt").is_file():
+            sys.exit(f"{run}: not a finished run folder (needs config.yaml and checkpoints/best.ckpt)")
+    try:
+        rows = [score(run, args.split, args.data_root) for run in args.runs]
+    except (checkpoint.CheckpointError, config.ConfigError, data.DataError) as e:
+        sys.exit(str(e))
+    print(f"| run | all test | [0, {args.split}) | [{args.split}, end) |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['run']} | {100 * r['test_acc']:.2f} | {100 * r['first']:.2f} | {100 * r['rest']:.2f} |")
+    if len(rows) > 1:
+        means = [statistics.mean(r[k] for r in rows) for k in ("test_acc", "first", "rest")]
+        print("| mean | " + " | ".join(f"{100 * m:.2f}" for m in means) + " |")
+    if args.out:
+        args.out.write_text(json.dumps({"split": args.split, "runs": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""scripts/score_slices.py: a finished run's best checkpoint scored again, on the whole test set and two slices."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, read_metrics
+
+SCRIPT = str(REPO / "scripts" / "score_slices.py")
+
+
+def test_scores_a_run_as_it_was_tested_and_splits_the_test_set(tmp_path, subset_run, subset_root):
+    run_dir, _, _ = subset_run
+    out = tmp_path / "slices.json"
+    result = subprocess.run([sys.executable, SCRIPT, "--split", "300", "--data-root", str(subset_root),
+                             "--out", str(out), str(run_dir)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["runs"]
+    n_test = sum(row["n"])
+    assert row["n"][0] == 300 and n_test == 1017  # the subset's test images
+    # the same checkpoint, config and images as the run's own test: the same accuracy, to one image
+    assert row["test_acc"] == pytest.approx(read_metrics(run_dir)["test_acc"], abs=1.01 / n_test)
+    assert row["test_acc"] == pytest.approx((300 * row["first"] + 717 * row["rest"]) / n_test)
+    assert f"| {run_dir} | {100 * row['test_acc']:.2f} | {100 * row['first']:.2f} |" in result.stdout
+
+
+def test_refuses_a_folder_that_is_not_a_finished_run_and_a_split_outside_the_test_set(tmp_path, subset_run):
+    result = subprocess.run([sys.executable, SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and f"{tmp_path}: not a finished run folder" in result.stderr
+    run_dir, _, _ = subset_run
+    result = subprocess.run([sys.executable, SCRIPT, "--split", "5000", str(run_dir)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1 and "--split 5000: must be between 1 and 1016" in result.stderr
