@@ -3,10 +3,12 @@
 
     .venv/bin/python scripts/score_slices.py --split 1017 outputs/runs/<date>/<run> [more runs]
 
-Each run is scored the way it was tested (its own config: model, normalisation from its training split, test-time
-views), on test images [0, split) and [split, end) and on all of them. `../shared/data/cifar10-full` is why: its first
-1,017 test images are the official bytes, the rest were decoded from JPEG copies, so the first slice is the figure
-closest to the official test set. `--data-root DIR` reads the data from DIR instead of the run's config.
+Each run's checkpoint (metrics.json's best_checkpoint) is scored the way the run tested it: its own config (model,
+normalisation from its training split, test-time views, memory format), in float32 on the CPU (a run tested in
+bf16 on a GPU may differ by an image or two). Figures for test images [0, split), [split, end) and all of them.
+Why: the CIFAR-10 stand-in this project is measured on (`cifar10-full`) keeps the official bytes for its first
+1,017 test images and decodes the rest from JPEG copies, so the first slice is the figure closest to the official
+test set. `--data-root DIR` reads the data from DIR instead of the run's config.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def score(run_dir: Path, split: int, data_root: str | None) -> dict:
         batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, normalize=cfg.data.normalize,
         flip=False, crop_padding=0, seed=cfg.seed)
     model = config.build_model(cfg.model)
-    where = str(run_dir / "checkpoints" / "best.ckpt")
+    best = json.loads((run_dir / "metrics.json").read_text()).get("best_checkpoint")  # relative to the run folder
+    if best is None:
+        sys.exit(f"{run_dir}: metrics.json names no best checkpoint (best_checkpoint: null)")
+    where = str(run_dir / best)
     weights = checkpoint.network_weights(checkpoint.read_checkpoint(where, where), where)
     checkpoint.check_architecture(weights, model, where)
     model.load_state_dict(weights)
@@ -57,14 +62,15 @@ def score(run_dir: Path, split: int, data_root: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with config.yaml, checkpoints/best.ckpt)")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="finished run folders (config.yaml, metrics.json, checkpoints/)")
     parser.add_argument("--split", type=int, default=1017, help="first test index of the second slice (1017)")
     parser.add_argument("--data-root", help="read the data here instead of the run config's data.root")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
     for run in args.runs:
-        if not (run / "config.yaml").is_file() or not (run / "checkpoints" / "best.ckpt").is_file():
-            sys.exit(f"{run}: not a finished run folder (needs config.yaml and checkpoints/best.ckpt)")
+        if not all((run / f).is_file() for f in ("config.yaml", "metrics.json", "checkpoints/best.ckpt")):
+            sys.exit(f"{run}: not a finished run folder (needs config.yaml, metrics.json and checkpoints/best.ckpt)")
     try:
         rows = [score(run, args.split, args.data_root) for run in args.runs]
     except (checkpoint.CheckpointError, config.ConfigError, data.DataError) as e:

@@ -59,7 +59,6 @@ REFUSED = [
     (["trainer.max_epochs=0"], r"trainer.max_epochs=0: must be an int >= 1"),
     (["data.val_size=0"], r"data.val_size=0: must be a fraction in \(0, 1\) or an image count >= 1"),
     (["data.val_size=1.5"], r"data.val_size=1.5: must be a fraction"),
-    (["model.head_norm=1"], r"model.head_norm=1: must be true or false"),
     (["data.augment.flip=yes"], r"data.augment.flip='yes': must be true \(coin flips\), false or alternate \(each"),
     (["label_smoothing=1.0"], r"label_smoothing=1.0: must be a number in \[0, 1\)"),
     (["trainer.precision=fp8"], r"trainer.precision='fp8': must be one of auto, 32-true, bf16-mixed, 16-mixed"),

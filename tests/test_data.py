@@ -221,6 +221,23 @@ def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
     assert not torch.equal(mirrored(seed=1), by_epoch[0])  # the halves are the run seed's
 
 
+def test_alternating_flip_is_the_same_per_image_when_ranks_share_the_epoch():
+    """Under DDP each rank takes its own slice of the permutation; an image is mirrored or not whatever rank has it."""
+    n, images = 64, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    for epoch in (0, 1):
+        expected = data.alternating_flips(n, seed=3, epoch=epoch)
+        seen = []
+        for rank in (0, 1):
+            it = DeviceBatches(images, torch.arange(n), 8, lambda x: x, train=True, seed=3, flip="alternate",
+                               epoch=lambda: epoch, rank=rank, world=2)
+            for x, y in it:
+                for img, i in zip(x, y.tolist()):
+                    original = images[i].float() / 255
+                    assert torch.equal(img, original.flip(2) if expected[i] else original)
+                    seen.append(i)
+        assert sorted(seen) == list(range(n))  # the two ranks together cover the epoch once
+
+
 def test_eval_batches_cover_every_image_in_order():
     images = torch.zeros(10, 3, 32, 32, dtype=torch.uint8)
     it = DeviceBatches(images, torch.arange(10), 4, Normalize(torch.zeros(3), torch.ones(3)))

@@ -104,21 +104,6 @@ def test_head_activation_and_dropout_follow_the_config():
     assert [n for n, _ in off.stage1.named_children()] == ["conv", "act", "pool", "drop"]
 
 
-def test_head_norm_puts_the_chosen_norm_after_the_first_linear_layer():
-    model = config.build_model(compose_config("model/norm=batchnorm", "model.norm.momentum=0.2",
-                                              "model/activation=relu", "model.head_norm=true").model)
-    assert [n for n, _ in model.named_children()][4:] == ["fc1", "head_norm", "head_act", "fc2"]
-    assert type(model.head_norm) is nn.BatchNorm1d  # (B, 64) vectors, with the stages' BatchNorm2d settings
-    assert model.head_norm.num_features == 64 and model.head_norm.momentum == 0.2
-    model.train()(torch.randn(4, 3, 32, 32)).sum().backward()
-    assert model.head_norm.weight.grad is not None
-    grouped = config.build_model(compose_config("model/norm=groupnorm", "model.head_norm=true").model)
-    assert type(grouped.head_norm) is nn.GroupNorm and grouped.head_norm.num_channels == 64
-    assert grouped(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    plain = config.build_model(compose_config("model.head_norm=true").model)  # no norm chosen: nothing to add
-    assert "head_norm" not in dict(plain.named_children())
-
-
 def test_stage_order_is_conv_norm_act_pool_dropout():
     model = config.build_model(
         compose_config("model/activation=relu", "model/norm=batchnorm", "model/dropout=dropout").model

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, run_cli
 
 SCRIPT = str(REPO / "scripts" / "score_slices.py")
 
@@ -35,3 +35,17 @@ def test_refuses_a_folder_that_is_not_a_finished_run_and_a_split_outside_the_tes
     result = subprocess.run([sys.executable, SCRIPT, "--split", "5000", str(run_dir)], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 1 and "--split 5000: must be between 1 and 1016" in result.stderr
+
+
+def test_scores_with_the_runs_test_time_views(tmp_path):
+    """A run tested with flips and shifted views is re-scored with them (made-up data: seconds, not minutes)."""
+    run_dir = tmp_path / "run"
+    result = run_cli("data=synthetic", "data.noise=1.2", "trainer.max_epochs=1", "test_flips=true", "test_shift=1",
+                     "callbacks=plain", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert metrics["test_acc"] != metrics["test_acc_no_tta"]  # the views change the figure, so ignoring them shows
+    result = subprocess.run([sys.executable, SCRIPT, "--split", "100", str(run_dir)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"| {run_dir} | {100 * metrics['test_acc']:.2f} |" in result.stdout

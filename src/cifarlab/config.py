@@ -227,15 +227,6 @@ def build_model(model_cfg: DictConfig) -> CifarNet:
         raise ConfigError(f"model.pool ({model_cfg.pool._target_}): {e}") from None
     _check_pool_geometry("model.pool", pool, model_cfg)
 
-    head_norm = None
-    if not isinstance(model_cfg.get("head_norm", False), bool):
-        raise ConfigError(f"model.head_norm={_fmt(model_cfg.head_norm)}: must be true or false")
-    if model_cfg.get("head_norm", False) and factories["norm"] is not None:
-        if classes["norm"] is nn.BatchNorm2d:  # the head's activations are (B, hidden) vectors: BatchNorm1d
-            norm_args = {k: v for k, v in args_of["norm"].items() if k != "num_features"}
-            head_norm = lambda n: nn.BatchNorm1d(n, **norm_args)  # noqa: E731
-        else:  # GroupNorm takes (B, C) as it is
-            head_norm = factories["norm"]
     head_drop = None
     if model_cfg.head_dropout and factories["dropout"] is not None:
         p = float(args_of["dropout"]["p"])
@@ -246,7 +237,6 @@ def build_model(model_cfg: DictConfig) -> CifarNet:
             act_layer=factories["activation"],
             norm_layer=factories["norm"],
             drop_layer=factories["dropout"],
-            head_norm_layer=head_norm,
             head_act_layer=factories["activation"] if model_cfg.head_activation else None,
             head_drop_layer=head_drop,
             channels=channels,

@@ -254,8 +254,8 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Which of n training images to mirror in this epoch (airbench's alternating flip).
 
     Epoch 0 mirrors a random half (seeded per run); every odd epoch mirrors exactly the other half, every even one the
-    first half again. Each image is so seen both ways every two epochs, where coin flips leave about a quarter of the
-    images the same way round in both.
+    first half again. Each image is so seen both ways in every two epochs; with coin flips, half of the images are
+    seen the same way round in two epochs running.
     """
     first = torch.rand(n, generator=torch.Generator().manual_seed(seed * 100_003 + 7)) < 0.5  # (n,)
     return first ^ bool(epoch % 2)

@@ -82,7 +82,7 @@ class Stage(nn.Sequential):
 
 
 class CifarNet(nn.Sequential):
-    """stage1..stage3 -> flatten -> fc1 -> [head_norm] -> [head_act] -> [head_drop] -> fc2.
+    """stage1..stage3 -> flatten -> fc1 -> [head_act] -> [head_drop] -> fc2.
 
     With max pooling and no norm, activation or dropout this is exactly the seed's nn.Sequential
     (145,578 parameters). The flatten size follows from the pooling geometry.
@@ -94,7 +94,6 @@ class CifarNet(nn.Sequential):
         act_layer: LayerFactory | None = None,
         norm_layer: LayerFactory | None = None,
         drop_layer: LayerFactory | None = None,
-        head_norm_layer: LayerFactory | None = None,
         head_act_layer: LayerFactory | None = None,
         head_drop_layer: LayerFactory | None = None,
         channels: Sequence[int] = (32, 32, 64),
@@ -128,8 +127,6 @@ class CifarNet(nn.Sequential):
         flat = c_in * hw[0] * hw[1]  # 64 * 4 * 4 = 1024 for the documented geometry
         layers["flatten"] = nn.Flatten()  # (B, C, H, W) -> (B, C*H*W)
         layers["fc1"] = nn.Linear(flat, hidden)
-        if head_norm_layer:
-            layers["head_norm"] = head_norm_layer(hidden)
         if head_act_layer:
             layers["head_act"] = head_act_layer(hidden)
         if head_drop_layer:
