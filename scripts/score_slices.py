@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from cifarlab import checkpoint, config, data
 from cifarlab.module import CifarModule
-from cifarlab.train import load_data
+from cifarlab.train import init_weights, load_data, make_datamodule
 
 
 def score(run_dir: Path, split: int, data_root: str | None) -> dict:
@@ -35,18 +35,12 @@ def score(run_dir: Path, split: int, data_root: str | None) -> dict:
     if not 0 < split < len(arrays.test_y):
         sys.exit(f"--split {split}: must be between 1 and {len(arrays.test_y) - 1} (the test set has "
                  f"{len(arrays.test_y)} images)")
-    datamodule = data.CifarDataModule(  # the run's own split and normalisation; no training, so no augmentation
-        arrays, n_val=data.val_count(cfg.data.val_size, len(arrays.train_y)), split_seed=cfg.data.split_seed,
-        batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size, normalize=cfg.data.normalize,
-        flip=False, crop_padding=0, seed=cfg.seed)
+    datamodule = make_datamodule(cfg, arrays)  # the run's own split and normalisation (its test set is not augmented)
     model = config.build_model(cfg.model)
     best = json.loads((run_dir / "metrics.json").read_text()).get("best_checkpoint")  # relative to the run folder
     if best is None:
         sys.exit(f"{run_dir}: metrics.json names no best checkpoint (best_checkpoint: null)")
-    where = str(run_dir / best)
-    weights = checkpoint.network_weights(checkpoint.read_checkpoint(where, where), where)
-    checkpoint.check_architecture(weights, model, where)
-    model.load_state_dict(weights)
+    init_weights(model, str(run_dir / best), where=str(run_dir / best))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=cfg.test_flips,

@@ -263,9 +263,30 @@ def resume_point(run_dir: Path, model: torch.nn.Module, sha: str, owner: bool = 
     return str(last)
 
 
-def init_weights(model: torch.nn.Module, path: str) -> None:
-    """init_from=<checkpoint>: start from another run's weights (fine-tuning, longer schedules)."""
-    where = f"init_from={path}"
+def make_datamodule(cfg: DictConfig, arrays: data.CifarArrays) -> data.CifarDataModule:
+    """The run's splits, normalisation and augmentation over the loaded arrays (data.* and seed of cfg)."""
+    try:
+        n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
+    except ValueError as e:
+        raise ConfigError(f"data.val_size={e}; use a fraction in (0, 1) or a smaller count") from None
+    return data.CifarDataModule(
+        arrays,
+        n_val=n_val,
+        split_seed=cfg.data.split_seed,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        normalize=cfg.data.normalize,
+        flip=cfg.data.augment.flip,
+        crop_padding=cfg.data.augment.crop_padding,
+        seed=cfg.seed,
+    )
+
+
+def init_weights(model: torch.nn.Module, path: str, where: str | None = None) -> None:
+    """init_from=<checkpoint>: start from another run's weights (fine-tuning, longer schedules).
+
+    `where` starts any error message (default `init_from=<path>`)."""
+    where = where or f"init_from={path}"
     weights = checkpoint.network_weights(checkpoint.read_checkpoint(path, where), where)  # settle() made it absolute
     checkpoint.check_architecture(weights, model, where)
     model.load_state_dict(weights)
@@ -313,21 +334,7 @@ def train(
         write_text(run_dir / SAVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))  # what resume= continues with
 
     arrays = load_data(cfg.data, cfg.data.split_seed)
-    try:
-        n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
-    except ValueError as e:
-        raise ConfigError(f"data.val_size={e}; use a fraction in (0, 1) or a smaller count") from None
-    datamodule = data.CifarDataModule(
-        arrays,
-        n_val=n_val,
-        split_seed=cfg.data.split_seed,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        normalize=cfg.data.normalize,
-        flip=cfg.data.augment.flip,
-        crop_padding=cfg.data.augment.crop_padding,
-        seed=cfg.seed,
-    )
+    datamodule = make_datamodule(cfg, arrays)
     if cfg.compile:
         model.compile()  # in place: the state_dict keys, and so the checkpoints, stay those of the plain model
     module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing,
