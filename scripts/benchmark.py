@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
+METHODS = ("bare", "cifarlab", "tutorial")
 
 
 def device_name(device: torch.device) -> str:
@@ -224,7 +225,7 @@ def table(result: dict) -> str:
     for name, r in result["results"].items():
         rows.append(f"| {name} | {r['train_img_per_s']:,.0f} | {r['eval_img_per_s']:,.0f} | {r['peak_mem_mib']:,.0f} "
                     f"| {r['batch_size']} |")
-    ratios = ", ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items())
+    ratios = ", ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items()) or "(no ratios among the methods run)"
     return "\n".join(rows) + f"\n\n{ratios}\n"
 
 
@@ -237,8 +238,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="also measure bare and cifarlab with compile=true (torch.compile), in the same process")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all; the ratios need cifarlab and "
+                        "the method it is divided by)")
     p.add_argument("overrides", nargs="*", help="cifarlab config overrides for all three (e.g. data.batch_size=512)")
     args = p.parse_args()
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        p.error(f"--methods {args.methods}: {', '.join(unknown) or 'empty'} unknown; choose from {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     epochs, max_batches = (2, 3) if args.quick else (args.epochs, None)
@@ -252,23 +260,22 @@ def main() -> None:
     n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
     arrays.train_x, arrays.train_y = arrays.train_x[n_val:], arrays.train_y[n_val:]  # as many images as cifarlab's
 
-    results = {
-        "bare": bare(cfg, arrays, device, epochs, max_batches),
-        "cifarlab": cifarlab(overrides, epochs, max_batches, device),
-        "tutorial": tutorial(args.data_root, device, epochs, max_batches),
+    run = {
+        "bare": lambda: bare(cfg, arrays, device, epochs, max_batches),
+        "cifarlab": lambda: cifarlab(overrides, epochs, max_batches, device),
+        "tutorial": lambda: tutorial(args.data_root, device, epochs, max_batches),
     }
+    results = {name: run[name]() for name in METHODS if name in methods}
     if args.compile:  # does torch.compile pay on this model? Its compile time falls in the warm-up epoch.
         compiled = [*overrides, "compile=true"]
-        results["bare+compile"] = bare(compose(compiled), arrays, device, epochs, max_batches)
-        results["cifarlab+compile"] = cifarlab(compiled, epochs, max_batches, device)
-    ratios = {
-        "cifarlab/bare": results["cifarlab"]["train_img_per_s"] / results["bare"]["train_img_per_s"],
-        "cifarlab/tutorial": results["cifarlab"]["train_img_per_s"] / results["tutorial"]["train_img_per_s"],
-    }
-    if args.compile:
-        for name in ("bare", "cifarlab"):
-            ratios[f"{name}+compile/{name}"] = (results[f"{name}+compile"]["train_img_per_s"]
-                                                / results[name]["train_img_per_s"])
+        if "bare" in methods:
+            results["bare+compile"] = bare(compose(compiled), arrays, device, epochs, max_batches)
+        if "cifarlab" in methods:
+            results["cifarlab+compile"] = cifarlab(compiled, epochs, max_batches, device)
+    rate = lambda name: results[name]["train_img_per_s"]  # noqa: E731
+    ratios = {f"{a}/{b}": rate(a) / rate(b) for a, b in
+              [("cifarlab", "bare"), ("cifarlab", "tutorial"), ("bare+compile", "bare"),
+               ("cifarlab+compile", "cifarlab")] if a in results and b in results}
     out = {
         "device": device_name(device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -4,10 +4,12 @@ a well-formed JSON. Their speeds are not checked here (a few batches on a shared
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -84,3 +86,64 @@ def test_time_to_accuracy_stops_at_the_first_probe_that_reaches_the_target(tmp_p
     else:  # every probe of both epochs, none enough
         assert [p["epoch"] for p in probes] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2], abs=1e-3)
         assert "did not reach it in 2 epochs" in result.stdout
+
+
+def _script(name: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def test_benchmark_methods_runs_only_those_and_only_their_ratios(tmp_path, subset_root):
+    out = tmp_path / "bench.json"
+    result = _script("benchmark.py", "--quick", "--methods", "bare,cifarlab", "--data-root", str(subset_root),
+                     "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"bare", "cifarlab"} and set(report["ratios"]) == {"cifarlab/bare"}
+    assert "| tutorial |" not in result.stdout and "cifarlab/bare = " in result.stdout
+
+
+def test_benchmark_refuses_an_unknown_method_by_name(tmp_path, subset_root):
+    result = _script("benchmark.py", "--methods", "bare,lightning", "--data-root", str(subset_root), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--methods bare,lightning: lightning unknown; choose from bare, cifarlab, tutorial" in result.stderr
+
+
+def test_repeat_dataset_writes_a_full_size_folder_of_the_same_images(tmp_path, subset_root):
+    """For GPU speed runs where only the subset can travel: the official layout, the subset's images in order,
+    repeated; read back by cifarlab's loader and by torchvision's CIFAR10 (as the tutorial recipe reads it)."""
+    from cifarlab import data
+
+    result = _script("repeat_dataset.py", str(subset_root), str(tmp_path / "rep"), "--train", "12000", "--test",
+                     "2500", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    source, repeated = data.load_cifar10(subset_root, download=False), data.load_cifar10(tmp_path / "rep", download=False)
+    assert repeated.train_x.shape == (12000, 3, 32, 32) and repeated.test_x.shape == (2500, 3, 32, 32)
+    n = len(source.train_y)  # 5,438 < 12,000: the images come round again, in order
+    assert torch.equal(repeated.train_x[:n], source.train_x) and torch.equal(repeated.train_x[n : 2 * n], source.train_x)
+    assert torch.equal(repeated.train_y[2 * n :], source.train_y[: 12000 - 2 * n])
+    assert torch.equal(repeated.test_x[:1017], source.test_x) and repeated.classes == source.classes
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    assert len(benchmark.stand_in_cifar10(str(tmp_path / "rep"), train=True, transform=None)) == 12000
+    again = _script("repeat_dataset.py", str(subset_root), str(tmp_path / "rep"), cwd=tmp_path)
+    assert again.returncode == 2 and "exists; give a new folder" in again.stderr  # nothing overwritten
+
+
+def test_profile_step_profiles_cifarlab_and_the_bare_loop(tmp_path, subset_root):
+    result = _script("profile_step.py", "--data-root", str(subset_root), "--steps", "3", "--rows", "5",
+                     "callbacks=plain", "data.batch_size=64", "trainer.limit_train_batches=34",
+                     "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in (r"cifarlab profiled 3 steps: \d+\.\d+ ms/step", r"bare profiled 3 steps: \d+\.\d+ ms/step",
+                 r"bare unprofiled: \d+\.\d+ ms/step", r"==== cifarlab callbacks=plain .*: top by self CPU",
+                 r"==== bare: top by self CPU", r"aten::convolution"):
+        assert re.search(line, result.stdout), line
+    from cifarlab import data
+
+    n = len(data.load_cifar10(subset_root, download=False).train_y)
+    per_epoch = (n - data.val_count(0.1, n)) // 256  # the default config's split and batch size
+    too_many = _script("profile_step.py", "--data-root", str(subset_root), "--steps", "500", cwd=tmp_path)
+    assert too_many.returncode == 2
+    assert f"an epoch holds {per_epoch} steps at data.batch_size=256; 530 are needed" in too_many.stderr

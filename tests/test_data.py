@@ -249,3 +249,81 @@ def test_synthetic_data_is_labelled_and_class_dependent():
     assert arrays.source == "synthetic" and arrays.train_x.shape == (500, 3, 32, 32)
     means = torch.stack([arrays.train_x[arrays.train_y == c].float().mean(0) for c in range(10)])
     assert (means[0] - means[1]).abs().mean() > 10  # classes differ by much more than noise averages out to
+
+
+@pytest.mark.parametrize("prep_images", [32, 4096])  # several preparations per epoch, and one for the whole epoch
+def test_training_batches_are_crops_and_mirrors_of_each_image_once_per_epoch(monkeypatch, prep_images):
+    """The epoch is augmented several batches at a time, then sliced: each image still arrives once, as one of the
+    reflect-padded crop windows of itself or of its mirror image, normalised, in the asked memory format."""
+    monkeypatch.setitem(data.PREP_IMAGES, "cpu", prep_images)
+    n, pad = 96, 2
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    norm = Normalize(torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    it = DeviceBatches(images, torch.arange(n), 16, norm, train=True, seed=0, flip=True, crop_padding=pad,
+                       memory_format=torch.channels_last)
+    seen, mirrored = [], 0
+    for x, y in it:
+        assert x.shape == (16, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+        for img, i in zip(norm.undo(x), y.tolist()):
+            original = torch.nn.functional.pad(images[i][None].float() / 255, (pad,) * 4, mode="reflect")[0]
+            windows = [v[:, dy : dy + 32, dx : dx + 32] for v in (original, original.flip(2))
+                       for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+            match = [k for k, w in enumerate(windows) if torch.allclose(img, w, atol=1e-5)]
+            assert match, i
+            mirrored += match[0] >= len(windows) // 2
+            seen.append(i)
+    assert sorted(seen) == list(range(n))
+    assert 0 < mirrored < n  # some mirrored, some not
+    again = [y.tolist() for _, y in DeviceBatches(images, torch.arange(n), 16, norm, train=True, seed=0, flip=True,
+                                                  crop_padding=pad)]
+    assert [s for b in again for s in b] == seen  # the same seed and epoch: the same order, prepared in any chunks
+
+
+def _per_batch_reference(images, labels, bs, norm, seed, epoch, flip, pad, rank=0, world=1):
+    """Training batches as earlier versions made them: each batch augmented on its own, with its own generator."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    order = order[rank::world][: len(labels) // world]
+    for b in range(len(order) // bs):
+        idx = order[b * bs : (b + 1) * bs]
+        x = images[idx].float().div_(255)
+        g = torch.Generator().manual_seed(((seed * 100_003 + epoch) * 100_003 + b) * world + rank)
+        x = data.random_crop(x, pad, g) if pad else x
+        x = data.random_flip(x, g) if flip else x
+        yield norm(x), labels[idx]
+
+
+@pytest.mark.parametrize("prep_images,flip,pad,rank", [(32, True, 2, 0), (4096, True, 4, 0), (32, False, 1, 1),
+                                                        (64, True, 0, 1)])
+def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatch, prep_images, flip, pad, rank):
+    """Augmenting several batches at once changes nothing: every batch, pixel for pixel, is what augmenting it on its
+    own with its (seed, epoch, batch) generator gave, so runs of earlier versions replay exactly."""
+    monkeypatch.setitem(data.PREP_IMAGES, "cpu", prep_images)
+    n, bs = 200, 16
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    norm = Normalize(torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    for epoch in (0, 3):
+        got = list(DeviceBatches(images, torch.arange(n), bs, norm, train=True, seed=5, epoch=lambda: epoch, flip=flip,
+                                 crop_padding=pad, rank=rank, world=2))
+        expected = list(_per_batch_reference(images, torch.arange(n), bs, norm, 5, epoch, flip, pad, rank, 2))
+        assert len(got) == len(expected) == (n // 2) // bs
+        for (x, y), (x_ref, y_ref) in zip(got, expected):
+            assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
+def test_crop_offsets_do_not_follow_from_the_shuffle():
+    """The augmentation draws from its own generator. Seeded with the shuffle's own seed, a CPU generator replays the
+    shuffle's random numbers, and the crop offset at position k becomes a function of the image the shuffle put there:
+    where 3 divides the number of images left to place, offset == image index mod 3 held at 90 % of the positions
+    here, against a third for independent draws. Each image's rows are numbered, so the offset is read back from the
+    cropped image."""
+    n, pad = 3000, 1
+    rows = torch.arange(32, dtype=torch.uint8).mul(8).view(1, 1, 32, 1)  # row r holds 8r
+    images = rows.expand(n, 3, 32, 32).contiguous()
+    it = DeviceBatches(images, torch.arange(n), 100, lambda x: x, train=True, seed=0, crop_padding=pad)
+    x, y = (torch.cat(t) for t in zip(*it))
+    dy = (x[:, 0, 1, 0] * 255 / 8).round().long()  # output row 1 is input row dy (0, 1 or 2)
+    assert set(dy.tolist()) == {0, 1, 2}
+    first = data.PREP_IMAGES["cpu"] // 100 * 100  # the first preparation's offsets come first in the generator
+    positions = [k for k in range(first) if (n - k) % 3 == 0]
+    agree = sum(int(dy[k]) == int(y[k]) % 3 for k in positions) / len(positions)
+    assert 0.2 < agree < 0.47, agree  # about a third, as for independent draws

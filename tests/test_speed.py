@@ -186,3 +186,55 @@ def test_inspection_is_never_in_the_per_step_path():
     for cls in classes:
         for hook in hooks:
             assert getattr(cls, hook) is getattr(L.Callback, hook), f"{cls.__name__}.{hook} runs every step"
+
+
+class StepRecorder(L.Callback):
+    """Every training step's loss (as the step returned it) and learning rate, by optimizer step."""
+
+    def __init__(self):
+        self.loss: dict[int, float] = {}
+        self.lr: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.loss[trainer.global_step - 1] = float(outputs["loss"])
+
+
+def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_values(tmp_path):
+    """train/loss and train/lr are logged only on the steps Lightning writes (self.log costs more host time than a
+    GPU step): every log_every_n_steps-th step gets exactly its own loss and rate, and no other step is written."""
+    recorder = StepRecorder()
+    cfg = _synthetic_cfg(tmp_path, "trainer.max_epochs=2")
+    train.train(cfg, tmp_path, extra_callbacks=[recorder])
+    acc = EventAccumulator(str(tmp_path)).Reload()
+    every, steps = cfg.trainer.log_every_n_steps, len(recorder.loss)
+    expected = [s for s in range(steps) if (s + 1) % every == 0]
+    assert steps >= 4 * every and len(expected) >= 4
+    for tag, values in (("train/loss", recorder.loss), ("train/lr", recorder.lr)):
+        logged = acc.Scalars(tag)
+        assert [e.step for e in logged] == expected, tag
+        assert [e.value for e in logged] == pytest.approx([values[s] for s in expected], rel=1e-6), tag
+    assert len(set(recorder.lr.values())) > 1  # the one-cycle rate moves, so the step/value pairing is tested
+
+
+def test_train_accuracy_is_the_accuracy_of_the_epochs_own_batches(tmp_path):
+    """train/acc is scored from predictions kept on the device during the epoch (one update at its end). With a
+    learning rate of 1e-12 the weights stay those of the start, so it must equal the initial model's accuracy on the
+    epoch's augmented batches, computed here independently."""
+    cfg = _synthetic_cfg(tmp_path, "optimizer.lr=1e-12", "scheduler=none", "callbacks=plain")
+    torch.manual_seed(0)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    initial = config.build_model(cfg.model).to(memory_format=torch.channels_last)
+    train.train(cfg, tmp_path)
+    (logged,) = [e.value for e in EventAccumulator(str(tmp_path)).Reload().Scalars("train/acc")]
+    dm = train.make_datamodule(cfg, train.load_data(cfg.data, cfg.data.split_seed))
+    initial.train()  # as in training (no dropout or BatchNorm in the default model, so mode changes nothing)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in dm.train_dataloader():
+            correct += int((initial(x).argmax(1) == y).sum())
+            total += len(y)
+    assert total == (len(dm.train_y) // cfg.data.batch_size) * cfg.data.batch_size
+    assert logged == pytest.approx(correct / total, abs=1e-6)

@@ -279,6 +279,7 @@ def make_datamodule(cfg: DictConfig, arrays: data.CifarArrays) -> data.CifarData
         flip=cfg.data.augment.flip,
         crop_padding=cfg.data.augment.crop_padding,
         seed=cfg.seed,
+        channels_last=cfg.channels_last,
     )
 
 
