@@ -48,6 +48,7 @@ class ProfileSteps(L.Callback):
         self.device, self.activities, self.first, self.n = device, activities, first, n
         self.title, self.rows = title, rows
         self.prof: torch.profiler.profile | None = None
+        self.done = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.current_epoch == 1 and batch_idx == self.first:
@@ -61,7 +62,7 @@ class ProfileSteps(L.Callback):
             print(f"cifarlab profiled {self.n} steps: {ms:.3f} ms/step")
             self.prof.__exit__(None, None, None)
             report(self.prof, self.title, self.rows)
-            self.prof = None
+            self.prof, self.done = None, True
 
 
 def main() -> None:
@@ -89,6 +90,9 @@ def main() -> None:
     probe = ProfileSteps(device, activities, first, args.steps, "cifarlab " + " ".join(args.overrides), args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         train.train(cfg, Path(tmp), extra_callbacks=[probe])
+    if not probe.done:
+        p.error(f"steps {first}-{first + args.steps - 1} of the second epoch never ran (trainer.limit_train_batches? "
+                "several devices?); profile fewer --steps or train more batches")
 
     # The bare loop: benchmark.py's, stepped by hand so that the profiler sees only steps.
     arrays = data.load_cifar10(cfg.data.root, download=False)

@@ -117,10 +117,12 @@ def test_repeat_dataset_writes_a_full_size_folder_of_the_same_images(tmp_path, s
     result = _script("repeat_dataset.py", str(subset_root), str(tmp_path / "rep"), "--train", "12000", "--test",
                      "2500", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    source, repeated = data.load_cifar10(subset_root, download=False), data.load_cifar10(tmp_path / "rep", download=False)
+    source = data.load_cifar10(subset_root, download=False)
+    repeated = data.load_cifar10(tmp_path / "rep", download=False)
     assert repeated.train_x.shape == (12000, 3, 32, 32) and repeated.test_x.shape == (2500, 3, 32, 32)
     n = len(source.train_y)  # 5,438 < 12,000: the images come round again, in order
-    assert torch.equal(repeated.train_x[:n], source.train_x) and torch.equal(repeated.train_x[n : 2 * n], source.train_x)
+    assert torch.equal(repeated.train_x[:n], source.train_x)
+    assert torch.equal(repeated.train_x[n : 2 * n], source.train_x)
     assert torch.equal(repeated.train_y[2 * n :], source.train_y[: 12000 - 2 * n])
     assert torch.equal(repeated.test_x[:1017], source.test_x) and repeated.classes == source.classes
     sys.path.insert(0, str(REPO / "scripts"))

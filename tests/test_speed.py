@@ -189,9 +189,10 @@ def test_inspection_is_never_in_the_per_step_path():
 
 
 class StepRecorder(L.Callback):
-    """Every training step's loss (as the step returned it) and learning rate, by optimizer step."""
+    """Every optimizer step's loss (as Lightning hands it on, for the step's last batch) and learning rate."""
 
-    def __init__(self):
+    def __init__(self, accumulate: int = 1):
+        self.accumulate = accumulate  # batches per optimizer step
         self.loss: dict[int, float] = {}
         self.lr: dict[int, float] = {}
 
@@ -199,20 +200,25 @@ class StepRecorder(L.Callback):
         self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.loss[trainer.global_step - 1] = float(outputs["loss"])
+        if (batch_idx + 1) % self.accumulate == 0:  # the batch that stepped the optimizer
+            self.loss[trainer.global_step - 1] = float(outputs["loss"])
 
 
-def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_values(tmp_path):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_values(tmp_path, accumulate):
     """train/loss and train/lr are logged only on the steps Lightning writes (self.log costs more host time than a
-    GPU step): every log_every_n_steps-th step gets exactly its own loss and rate, and no other step is written."""
-    recorder = StepRecorder()
-    cfg = _synthetic_cfg(tmp_path, "trainer.max_epochs=2")
+    GPU step): every log_every_n_steps-th step gets exactly its own loss and rate, and no other step is written. With
+    gradient accumulation the loss is the batch's own, not Lightning's outputs["loss"] (divided by the batches)."""
+    recorder = StepRecorder(accumulate)
+    epochs = 2 * accumulate  # the same number of optimizer steps either way
+    cfg = _synthetic_cfg(tmp_path, f"trainer.max_epochs={epochs}", f"+trainer.accumulate_grad_batches={accumulate}")
     train.train(cfg, tmp_path, extra_callbacks=[recorder])
     acc = EventAccumulator(str(tmp_path)).Reload()
     every, steps = cfg.trainer.log_every_n_steps, len(recorder.loss)
     expected = [s for s in range(steps) if (s + 1) % every == 0]
     assert steps >= 4 * every and len(expected) >= 4
-    for tag, values in (("train/loss", recorder.loss), ("train/lr", recorder.lr)):
+    losses = {s: loss * accumulate for s, loss in recorder.loss.items()}  # the optimizer step's last batch
+    for tag, values in (("train/loss", losses), ("train/lr", recorder.lr)):
         logged = acc.Scalars(tag)
         assert [e.step for e in logged] == expected, tag
         assert [e.value for e in logged] == pytest.approx([values[s] for s in expected], rel=1e-6), tag

@@ -345,8 +345,8 @@ class DeviceBatches:
 
         Each batch's random numbers come from a generator of its own, seeded with (seed, epoch, batch), and are
         drawn in the order the per-batch augmentation of earlier versions drew them: runs replay those versions
-        exactly. (One generator for the whole epoch trained experiment=best to 84.1 % on average, against 85.1 %
-        with these draws on the same seeds; see docs/performance.md.)
+        exactly (tests/test_data.py compares every batch). docs/performance.md has what four runs with one generator
+        per 1,024 images gave.
         """
         dy, dx, flips = [], [], []
         for b in batches:

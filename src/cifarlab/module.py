@@ -65,7 +65,8 @@ class CifarModule(L.LightningModule):
         # The epoch's training predictions and labels, kept on the device and scored once when the epoch ends: a
         # torchmetrics update per step costs more host time than the step's own kernels on a GPU.
         self._train_predictions: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._step_lr = math.nan  # the learning rate of the current training step, for train/lr
+        self._step_loss: torch.Tensor | None = None  # the current training step's loss and learning rate, for the
+        self._step_lr = math.nan  # logging steps (Lightning's own outputs["loss"] is divided by accumulate_grad_batches)
         self.example_input_array = torch.zeros(2, 3, 32, 32)  # (B, C, H, W), for the graph and the summary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,17 +77,20 @@ class CifarModule(L.LightningModule):
         logits = self.model(x.contiguous(memory_format=self.memory_format))
         loss = self.criterion(logits, y)
         self._train_predictions.append((logits.detach().argmax(1), y))  # (B,) each; one kernel, no sync
+        self._step_loss = loss.detach()
         self._step_lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
         return loss
 
     def on_train_batch_end(self, outputs: dict[str, torch.Tensor], batch: Any, batch_idx: int) -> None:
         # Only on the steps Lightning writes to the loggers (every log_every_n_steps, and a step where training is
-        # told to stop): each self.log call costs about half a millisecond of Python, more than a whole training
-        # step of this model on a GPU. The loggers receive the same values at the same steps as if every step logged.
+        # told to stop; the condition is Lightning's should_update_logs, whose _batches_that_stepped + 1 equals the
+        # global_step here): each self.log call costs about half a millisecond of Python, more than a whole training
+        # step of this model on a GPU. The loggers receive the same values at the same steps as if every step logged;
+        # trainer.callback_metrics["train/loss"] changes only on those steps.
         every = self.trainer.log_every_n_steps
         if not ((every and self.global_step % every == 0) or self.trainer.should_stop):
             return
-        self.log("train/loss", outputs["loss"], on_step=True, on_epoch=False)  # stays a tensor until written
+        self.log("train/loss", self._step_loss, on_step=True, on_epoch=False)  # stays a tensor until written
         # Read in training_step: by this hook the scheduler has already moved the rate on to the next step's.
         self.log("train/lr", self._step_lr, on_step=True, on_epoch=False)
 
@@ -257,6 +261,10 @@ class StopOnNonFiniteLoss(Callback):
         self.check_every = check_every_n_steps
         self._losses: list[tuple[int, torch.Tensor]] = []  # (step, () loss on the device) since the last check
         self._lrs: dict[int, float] = {}  # step -> learning rate, since the last check
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._losses.clear()  # left by an epoch that ended in an exception
+        self._lrs.clear()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
