@@ -180,12 +180,12 @@ def test_training_order_depends_on_seed_and_epoch_only():
 def test_crop_and_flip_move_pixels_but_keep_them():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 3, 32, 32)
-    cropped = data.random_crop(x, 4, g)
+    cropped = data.crop(x, 4, *data.crop_offsets(8, 4, g))
     padded = torch.nn.functional.pad(x, (4,) * 4, mode="reflect")
     for i in range(8):  # every crop is one of the 81 windows of the padded image
         windows = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
         assert any(torch.equal(cropped[i], w) for w in windows)
-    flipped = data.random_flip(x, g)
+    flipped = data.flip_where(x, data.coin_flips(8, g))
     for i in range(8):
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
     assert not torch.equal(flipped, x) and not torch.equal(flipped, x.flip(3))
@@ -280,15 +280,21 @@ def test_training_batches_are_crops_and_mirrors_of_each_image_once_per_epoch(mon
 
 
 def _per_batch_reference(images, labels, bs, norm, seed, epoch, flip, pad, rank=0, world=1):
-    """Training batches as earlier versions made them: each batch augmented on its own, with its own generator."""
+    """Training batches as earlier versions made them, written out again here (none of data.py's augmentation
+    code): each batch cropped and flipped on its own, with its own generator."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     order = order[rank::world][: len(labels) // world]
     for b in range(len(order) // bs):
         idx = order[b * bs : (b + 1) * bs]
         x = images[idx].float().div_(255)
         g = torch.Generator().manual_seed(((seed * 100_003 + epoch) * 100_003 + b) * world + rank)
-        x = data.random_crop(x, pad, g) if pad else x
-        x = data.random_flip(x, g) if flip else x
+        if pad:
+            padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+            dy, dx = (torch.randint(0, 2 * pad + 1, (bs,), generator=g) for _ in range(2))
+            x = torch.stack([padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32] for i in range(bs)])
+        if flip:
+            mirror = torch.rand(bs, generator=g) < 0.5
+            x = torch.stack([img.flip(2) if m else img for img, m in zip(x, mirror)])
         yield norm(x), labels[idx]
 
 

@@ -245,17 +245,8 @@ def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> t
     return padded.gather(3, cols.expand(-1, padded.shape[1], h, -1))  # (B, C, H, W)
 
 
-def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
-    """A random HxW crop of each image of x (B, C, H, W), reflect-padded by `padding` px on every side."""
-    return crop(x, padding, *crop_offsets(x.shape[0], padding, g))
-
-
 def coin_flips(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g, device=g.device) < 0.5  # (n,) bool
-
-
-def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    return flip_where(x, coin_flips(x.shape[0], g).to(x.device))
 
 
 def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
