@@ -85,44 +85,60 @@ def evaluate(model: nn.Module, batches, device: torch.device) -> float:
     return n / seconds
 
 
-def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None) -> dict:
-    from cifarlab import config, data, train
+class BareLoop:
+    """The bare limit: the configured model, optimizer, loss, precision and memory format over pre-loaded,
+    pre-normalised device tensors. No Lightning, no augmentation, no logging: step(idx) is the whole training step."""
 
-    torch.manual_seed(cfg.seed)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = config.build_model(cfg.model).to(device, memory_format=fmt)
-    if cfg.compile:
-        model.compile()
-    precision = train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast is torch.float16)
-    optimizer = config.build_optimizer(cfg.optimizer)(model.parameters())
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    norm = data.Normalize(*data.channel_stats(arrays.train_x)).to(device)
-    train_x = norm(arrays.train_x.to(device)).contiguous(memory_format=fmt)  # (N, 3, 32, 32) float, normalised once
-    train_y = arrays.train_y.to(device)
-    test_x, test_y = norm(arrays.test_x.to(device)).contiguous(memory_format=fmt), arrays.test_y.to(device)
+    def __init__(self, cfg, arrays, device: torch.device):
+        from cifarlab import config, data, train
+
+        torch.manual_seed(cfg.seed)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model = config.build_model(cfg.model).to(device, memory_format=fmt)
+        if cfg.compile:
+            self.model.compile()
+        precision = train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+        self.autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is torch.float16)
+        self.optimizer = config.build_optimizer(cfg.optimizer)(self.model.parameters())
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        norm = data.Normalize(*data.channel_stats(arrays.train_x)).to(device)
+        self.train_x = norm(arrays.train_x.to(device)).contiguous(memory_format=fmt)  # (N, 3, 32, 32), normalised once
+        self.train_y = arrays.train_y.to(device)
+        self.test_x = norm(arrays.test_x.to(device)).contiguous(memory_format=fmt)
+        self.test_y = arrays.test_y.to(device)
+        self.device = device
+
+    def precision(self):
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
+
+    def step(self, idx: torch.Tensor) -> None:
+        with self.precision():
+            loss = self.criterion(self.model(self.train_x[idx]), self.train_y[idx])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+
+def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None) -> dict:
+    loop = BareLoop(cfg, arrays, device)
     bs = int(cfg.data.batch_size)
-    steps = len(train_y) // bs if max_batches is None else min(max_batches, len(train_y) // bs)
+    n = len(loop.train_y)
+    steps = n // bs if max_batches is None else min(max_batches, n // bs)
     reset_peak(device)
     rates = []
     for epoch in range(epochs):
-        order = torch.randperm(len(train_y), device=device)
+        order = torch.randperm(n, device=device)
         start = sync(device)
         for b in range(steps):
-            idx = order[b * bs : (b + 1) * bs]
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss = criterion(model(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loop.step(order[b * bs : (b + 1) * bs])
         rates.append(steps * bs / (sync(device) - start))
     eval_bs = int(cfg.data.eval_batch_size)
-    n_test = len(test_y) if max_batches is None else min(len(test_y), max_batches * eval_bs)
-    test = [(test_x[i : i + eval_bs], test_y[i : i + eval_bs]) for i in range(0, n_test, eval_bs)]
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        eval_rate = evaluate(model, test, device)
+    n_test = len(loop.test_y) if max_batches is None else min(len(loop.test_y), max_batches * eval_bs)
+    test = [(loop.test_x[i : i + eval_bs], loop.test_y[i : i + eval_bs]) for i in range(0, n_test, eval_bs)]
+    with loop.precision():
+        eval_rate = evaluate(loop.model, test, device)
     return summarize(rates, eval_rate, device, batch_size=bs)
 
 

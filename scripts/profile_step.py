@@ -5,8 +5,8 @@
 
 1. cifarlab: cifarlab.train.train() for 2 epochs with the config and overrides given; steps 30-79 of the second epoch
    are profiled.
-2. bare: benchmark.py's loop (the same model, optimizer, batch size, precision and memory format) over pre-loaded
-   tensors: 30 steps of warm-up, 50 profiled, then 200 timed without the profiler.
+2. bare: benchmark.py's BareLoop (the same model, optimizer, batch size, precision and memory format) over pre-loaded
+   tensors, shuffled batches: 30 steps of warm-up, 50 profiled, then 200 timed without the profiler.
 
 For each, the ms per profiled step, the top operations by host (self CPU) and device time, and the calls that copy to
 the host or wait for the device. On a GPU the question it answers is whether a step is bound by the host (Python,
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="cifarlab config overrides (e.g. callbacks=plain data.batch_size=1024)")
     args = p.parse_args()
 
-    from cifarlab import config, data, train
+    from cifarlab import data, train
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -82,10 +82,13 @@ def main() -> None:
     first = 30
     cfg = train.settle(benchmark.compose([f"data.root={Path(args.data_root).resolve()}", "trainer.max_epochs=2",
                                           *args.overrides]))
-    n_train = len(data.load_cifar10(cfg.data.root, download=False).train_y)
-    steps_per_epoch = (n_train - data.val_count(cfg.data.val_size, n_train)) // int(cfg.data.batch_size)
+    arrays = data.load_cifar10(cfg.data.root, download=False)
+    n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
+    arrays.train_x, arrays.train_y = arrays.train_x[n_val:], arrays.train_y[n_val:]  # as many images as cifarlab's
+    bs = int(cfg.data.batch_size)
+    steps_per_epoch = len(arrays.train_y) // bs
     if steps_per_epoch < first + args.steps:
-        p.error(f"an epoch holds {steps_per_epoch} steps at data.batch_size={cfg.data.batch_size}; "
+        p.error(f"an epoch holds {steps_per_epoch} steps at data.batch_size={bs}; "
                 f"{first + args.steps} are needed (--steps {args.steps} after {first} of warm-up)")
     probe = ProfileSteps(device, activities, first, args.steps, "cifarlab " + " ".join(args.overrides), args.rows)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,27 +97,13 @@ def main() -> None:
         p.error(f"steps {first}-{first + args.steps - 1} of the second epoch never ran (trainer.limit_train_batches? "
                 "several devices?); profile fewer --steps or train more batches")
 
-    # The bare loop: benchmark.py's, stepped by hand so that the profiler sees only steps.
-    arrays = data.load_cifar10(cfg.data.root, download=False)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = config.build_model(cfg.model).to(device, memory_format=fmt)
-    optimizer = config.build_optimizer(cfg.optimizer)(model.parameters())
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    precision = train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    norm = data.Normalize(*data.channel_stats(arrays.train_x)).to(device)
-    x = norm(arrays.train_x.to(device)).contiguous(memory_format=fmt)  # (N, 3, 32, 32)
-    y = arrays.train_y.to(device)
-    bs = int(cfg.data.batch_size)
+    loop = benchmark.BareLoop(cfg, arrays, device)
+    order = torch.randperm(len(arrays.train_y), device=device)
 
     def steps(n: int) -> None:
         for b in range(n):
-            i = (b * bs) % (len(y) - bs)
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                loss = criterion(model(x[i : i + bs]), y[i : i + bs])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            start = (b * bs) % (steps_per_epoch * bs)
+            loop.step(order[start : start + bs])
 
     steps(first)
     start = benchmark.sync(device)

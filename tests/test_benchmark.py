@@ -14,11 +14,15 @@ import torch
 from conftest import REPO
 
 
+def _script(name: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
 def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, subset_root):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--compile",
-                             "--data-root", str(subset_root), "--out", str(out)], capture_output=True, text=True,
-                            timeout=900, cwd=tmp_path)
+    result = _script("benchmark.py", "--quick", "--compile", "--data-root", str(subset_root), "--out", str(out),
+                     cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"].startswith(("CPU: ", "NVIDIA")) and report["quick"] is True
@@ -42,9 +46,8 @@ def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, s
 
 def test_quick_time_to_accuracy_times_the_tutorial_and_stops_cifarlab_at_the_target(tmp_path, subset_root):
     out = tmp_path / "tta.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "time_to_accuracy.py"), "--quick", "--data-root",
-                             str(subset_root), "--out", str(out), "--also", "experiment=best trainer.max_epochs=2"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = _script("time_to_accuracy.py", "--quick", "--data-root", str(subset_root), "--out", str(out), "--also",
+                     "experiment=best trainer.max_epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     tutorial, cifarlab = report["tutorial"], report["cifarlab"]
@@ -73,9 +76,8 @@ def test_quick_time_to_accuracy_times_the_tutorial_and_stops_cifarlab_at_the_tar
 @pytest.mark.parametrize("target,reached", [(0.0, True), (1.01, False)])
 def test_time_to_accuracy_stops_at_the_first_probe_that_reaches_the_target(tmp_path, subset_root, target, reached):
     out = tmp_path / "tta.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "time_to_accuracy.py"), "--quick", "--data-root",
-                             str(subset_root), "--target", str(target), "--out", str(out), "trainer.max_epochs=2"],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = _script("time_to_accuracy.py", "--quick", "--data-root", str(subset_root), "--target", str(target),
+                     "--out", str(out), "trainer.max_epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     cifarlab, probes = report["cifarlab"], report["cifarlab"]["probes"]
@@ -86,11 +88,6 @@ def test_time_to_accuracy_stops_at_the_first_probe_that_reaches_the_target(tmp_p
     else:  # every probe of both epochs, none enough
         assert [p["epoch"] for p in probes] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2], abs=1e-3)
         assert "did not reach it in 2 epochs" in result.stdout
-
-
-def _script(name: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
 
 
 def test_benchmark_methods_runs_only_those_and_only_their_ratios(tmp_path, subset_root):
