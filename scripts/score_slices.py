@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Test accuracy of finished runs' best checkpoints on the whole test set and on two slices of it.
+"""Test accuracy of finished runs' checkpoints on the whole test set and on two slices of it.
 
     .venv/bin/python scripts/score_slices.py --split 1017 outputs/runs/<date>/<run> [more runs]
 
-Each run's checkpoint (metrics.json's best_checkpoint) is scored the way the run tested it: its own config (model,
+Each run's checkpoint (the one its test scored, metrics.json's tested_checkpoint; `--checkpoint best` or `last` picks
+checkpoints/best.ckpt or last.ckpt instead) is scored the way the run tested it: its own config (model,
 normalisation from its training split, test-time views, memory format), in float32 on the CPU (a run tested in
 bf16 on a GPU may differ by an image or two). Figures for test images [0, split), [split, end) and all of them.
 Why: the CIFAR-10 stand-in this project is measured on (`cifar10-full`) keeps the official bytes for its first
@@ -27,7 +28,18 @@ from cifarlab.module import CifarModule
 from cifarlab.train import init_weights, load_data, make_datamodule
 
 
-def score(run_dir: Path, split: int, data_root: str | None) -> dict:
+def checkpoint_file(run_dir: Path, which: str | None) -> Path:
+    """The run's checkpoint to score: `which` (best or last), or by default the one its own test scored."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    which = which or metrics.get("tested_checkpoint", "best")  # runs before test_checkpoint existed tested best
+    if which == "last":
+        return run_dir / "checkpoints" / checkpoint.LAST
+    if metrics.get("best_checkpoint") is None:
+        sys.exit(f"{run_dir}: metrics.json names no best checkpoint (best_checkpoint: null)")
+    return run_dir / metrics["best_checkpoint"]  # relative to the run folder
+
+
+def score(run_dir: Path, split: int, data_root: str | None, which: str | None = None) -> dict:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if data_root is not None:
         cfg.data.root = data_root
@@ -37,10 +49,8 @@ def score(run_dir: Path, split: int, data_root: str | None) -> dict:
                  f"{len(arrays.test_y)} images)")
     datamodule = make_datamodule(cfg, arrays)  # the run's own split and normalisation (its test set is not augmented)
     model = config.build_model(cfg.model)
-    best = json.loads((run_dir / "metrics.json").read_text()).get("best_checkpoint")  # relative to the run folder
-    if best is None:
-        sys.exit(f"{run_dir}: metrics.json names no best checkpoint (best_checkpoint: null)")
-    init_weights(model, str(run_dir / best), where=str(run_dir / best))
+    ckpt = checkpoint_file(run_dir, which)
+    init_weights(model, str(ckpt), where=str(ckpt))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=cfg.test_flips,
@@ -50,7 +60,7 @@ def score(run_dir: Path, split: int, data_root: str | None) -> dict:
         for x, y in datamodule.test_dataloader():
             correct.append(module.eval_logits(x).argmax(1) == y)
     hit = torch.cat(correct).float()  # (N,) 1 where the prediction is right
-    return {"run": str(run_dir), "n": [split, len(hit) - split],
+    return {"run": str(run_dir), "checkpoint": ckpt.name, "n": [split, len(hit) - split],
             "test_acc": hit.mean().item(), "first": hit[:split].mean().item(), "rest": hit[split:].mean().item()}
 
 
@@ -61,12 +71,17 @@ def main() -> None:
     parser.add_argument("--split", type=int, default=1017, help="first test index of the second slice (1017)")
     parser.add_argument("--data-root", help="read the data here instead of the run config's data.root")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--checkpoint", choices=("best", "last"),
+                        help="score checkpoints/best.ckpt or last.ckpt (default: the one each run's test scored)")
     args = parser.parse_args()
     for run in args.runs:
-        if not all((run / f).is_file() for f in ("config.yaml", "metrics.json", "checkpoints/best.ckpt")):
-            sys.exit(f"{run}: not a finished run folder (needs config.yaml, metrics.json and checkpoints/best.ckpt)")
+        if not all((run / f).is_file() for f in ("config.yaml", "metrics.json")):
+            sys.exit(f"{run}: not a finished run folder (needs config.yaml and metrics.json)")
+        ckpt = checkpoint_file(run, args.checkpoint)
+        if not ckpt.is_file():
+            sys.exit(f"{run}: no checkpoint {ckpt.relative_to(run)} to score")
     try:
-        rows = [score(run, args.split, args.data_root) for run in args.runs]
+        rows = [score(run, args.split, args.data_root, args.checkpoint) for run in args.runs]
     except (checkpoint.CheckpointError, config.ConfigError, data.DataError) as e:
         sys.exit(str(e))
     print(f"| run | all test | [0, {args.split}) | [{args.split}, end) |\n|---|---:|---:|---:|")

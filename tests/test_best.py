@@ -69,6 +69,14 @@ def test_an_ablate_option_changes_only_its_own_ingredient(option):
     assert bool(changed) == bool(allowed)  # ablate=none is the recipe itself; every other option changes something
 
 
+def test_ablate_adamw_uses_adamws_own_learning_rate_not_the_recipes_sgd_rate():
+    best, adamw = compose_config("experiment=best"), compose_config("experiment=best", "ablate=adamw")
+    assert best.optimizer.lr == pytest.approx(0.15) and best.optimizer._target_ == "torch.optim.SGD"
+    assert adamw.optimizer._target_ == "torch.optim.AdamW"
+    assert adamw.optimizer.lr == pytest.approx(compose_config("optimizer=adamw", "data.batch_size=128").optimizer.lr)
+    assert adamw.optimizer.lr == pytest.approx(0.003 * (128 / 256) ** 0.5)
+
+
 def test_the_ablation_sweep_covers_every_option_and_compares_each_row_with_the_recipe(tmp_path):
     """sweep=best_ablation runs every configs/ablate/ option; the report's baseline is ablate=none, not the
     documented model (which an ablation of experiment=best does not contain)."""
@@ -90,6 +98,7 @@ def test_the_ablation_sweep_covers_every_option_and_compares_each_row_with_the_r
     assert float(rows["ablate=none"]["test_acc_no_tta_mean"]) == pytest.approx(metrics["none"]["test_acc_no_tta"])
     text = (sweep / "report.md").read_text()
     assert "| ablate=none (the recipe itself) |" in text and "| without test-time views |" in text
+    assert "test accuracy is that of each job's last checkpoint (test_checkpoint=last" in text  # the recipe's
     # One seed: the mean alone, and an empty spread in the CSV, never a "± 0.00" that reads as measured.
     assert "± 0.00" not in text and f"| {100 * acc['none']:.2f} |" in text
     assert rows["ablate=none"]["test_acc_std"] in ("", "nan")

@@ -67,6 +67,7 @@ REFUSED = [
     (["test_flips=yes"], r"test_flips='yes': must be true or false"),
     (["test_shift=-1"], r"test_shift=-1: must be an int in \[0, 8\] \(px; 0 = no shifted test views\)"),
     (["test_shift=12"], r"test_shift=12: must be an int in \[0, 8\]"),
+    (["test_checkpoint=median"], r"test_checkpoint='median': must be best \(the epoch with the highest val/acc\) or last"),
     (["model.pool._target_=os.system"], r"model.pool._target_='os.system': not an allowed target"),
     (["callbacks.epoch_timer._target_=subprocess.call"], r"callbacks.epoch_timer._target_='subprocess.call': not an allowed"),
 ]

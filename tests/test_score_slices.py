@@ -49,3 +49,30 @@ def test_scores_with_the_runs_test_time_views(tmp_path):
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"| {run_dir} | {100 * metrics['test_acc']:.2f} |" in result.stdout
+
+
+def test_test_checkpoint_last_scores_the_final_weights_and_score_slices_follows(tmp_path):
+    """test_checkpoint=last tests the weights training ended with (last.ckpt), not the best-val/acc checkpoint.
+
+    callbacks.model_checkpoint.mode=min makes 'best' the epoch with the lowest val/acc (the first, on data learnt in
+    a few steps), so the two checkpoints are different weights with different test figures."""
+    run_dir = tmp_path / "run"
+    result = run_cli("data=synthetic", "data.noise=1.2", "trainer.max_epochs=3", "test_checkpoint=last",
+                     "callbacks=plain", "callbacks.model_checkpoint.mode=min", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert metrics["tested_checkpoint"] == "last" and metrics["best_checkpoint"] == "checkpoints/best.ckpt"
+    scores = {}
+    for which in ("best", "last", None):
+        out = tmp_path / f"{which}.json"
+        args = [sys.executable, SCRIPT, "--split", "100", "--out", str(out), str(run_dir)]
+        result = subprocess.run(args + (["--checkpoint", which] if which else []), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (row,) = json.loads(out.read_text())["runs"]
+        scores[which] = (row["checkpoint"], row["test_acc"])
+    n_test = 1000  # data=synthetic's test set
+    assert scores["last"][0] == "last.ckpt" and scores["best"][0] == "best.ckpt"
+    assert scores[None] == scores["last"]  # by default the checkpoint the run's own test scored
+    assert metrics["test_acc"] == pytest.approx(scores["last"][1], abs=1.01 / n_test)
+    assert abs(scores["best"][1] - scores["last"][1]) > 5 / n_test  # so testing the wrong one would show

@@ -98,6 +98,7 @@ def test_report_has_one_row_per_configuration_a_plot_and_a_tensorboard_run(small
     text = (sweep / "report.md").read_text()
     assert "(documented model)" in text and "## Failed or unfinished jobs" in text and "kernel_size=40" in text
     assert "`synthetic`" in text  # the data is named next to the numbers
+    assert "test accuracy is that of each job's best-validation checkpoint;" in text  # test_checkpoint's default
     assert Image.open(sweep / "report.png").size[0] > 300
     assert list((sweep / "report").glob("events.out.tfevents.*"))
     assert "test acc" in result.stdout  # the table, printed

@@ -322,6 +322,10 @@ def check_recipe(cfg: DictConfig) -> None:
     shift = cfg.get("test_shift", 0)
     if not (_is_int(shift) and 0 <= shift <= 8):
         raise ConfigError(f"test_shift={_fmt(shift)}: must be an int in [0, 8] (px; 0 = no shifted test views)")
+    tested = cfg.get("test_checkpoint", "best")
+    if tested not in ("best", "last"):
+        raise ConfigError(f"test_checkpoint={_fmt(tested)}: must be best (the epoch with the highest val/acc) or "
+                          "last (the weights training ended with)")
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None:
             resolve_target(node.get("_target_"), f"callbacks.{name}")

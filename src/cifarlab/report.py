@@ -105,6 +105,16 @@ def read_job(folder: Path) -> Job | None:
     return Job(folder, key, seed, metrics, error)
 
 
+def tested_checkpoints(jobs: list[Job]) -> str:
+    """Which checkpoint the finished jobs' test figures score, in words (metrics.json's tested_checkpoint)."""
+    kinds = {j.metrics.get("tested_checkpoint", "best") for j in jobs if j.metrics}  # older runs: always best
+    if kinds == {"last"}:
+        return "last checkpoint (test_checkpoint=last: the weights training ended with)"
+    if kinds == {"best", "last"}:
+        return "best-validation or last checkpoint, as the job's test_checkpoint says"
+    return "best-validation checkpoint"
+
+
 def collect(sweep: Path) -> list[Row]:
     jobs = [j for f in sorted(sweep.iterdir(), key=job_number) if f.is_dir() and (j := read_job(f))]
     if not jobs:
@@ -229,7 +239,7 @@ def markdown(sweep: Path, rows: list[Row], header: list[str], body: list[list[st
         f"- data: {', '.join(f'`{s}`' for s in sources) or '—'}; epochs: {', '.join(map(str, epochs)) or '—'}",
         f"- jobs: {len(jobs)} ({sum(1 for j in jobs if j.metrics)} finished, "
         f"{sum(1 for j in jobs if not j.metrics)} failed or unfinished); rows sorted by mean test accuracy",
-        "- test accuracy is that of each job's best-validation checkpoint; ± is the standard deviation over seeds",
+        f"- test accuracy is that of each job's {tested_checkpoints(jobs)}; ± is the standard deviation over seeds",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
@@ -278,7 +288,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{args.sweep}  (test accuracy of the best checkpoint, % over seeds)")
+    t = Table(title=f"{args.sweep}  (test accuracy of the checkpoint each job tested, % over seeds)")
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i == 0 else "right")
     for row in body:

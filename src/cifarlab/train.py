@@ -363,9 +363,11 @@ def train(
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     # Read before testing: loading the best checkpoint also loads the timer's state as it was at that epoch.
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
+    # test_checkpoint=last scores the weights in memory: those training ended with (also those of last.ckpt)
+    tested = "best" if has_best and cfg.get("test_checkpoint", "best") == "best" else "last"
     try:
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_cb.best_model_path if has_best else None,
-                            verbose=False)[0]
+        test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_cb.best_model_path if tested == "best"
+                            else None, verbose=False)[0]
     except SystemExit:
         if trainer.interrupted:
             raise Interrupted(f"interrupted while testing; training had finished. Continue with: "
@@ -400,6 +402,7 @@ def train(
         "threads": torch.get_num_threads(),
         "choices": choices,
         "best_checkpoint": os.path.relpath(ckpt_cb.best_model_path, run_dir) if has_best else None,
+        "tested_checkpoint": tested,  # which weights test_acc scores: best (best_checkpoint) or last
         "overrides": overrides if overrides is not None else
         (list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []),
         "config_sha": sha,
