@@ -4,8 +4,8 @@
     .venv/bin/python scripts/recipe_trials.py --data-root DIR --out trials.jsonl [--jobs N] [--seeds 0-3] \
         base lr0.15=optimizer.lr=0.15 wd1e-3=optimizer.weight_decay=1e-3,label_smoothing=0.05 ...
 
-A variant is NAME=OVERRIDE[,OVERRIDE...] (cifarlab-train overrides on top of experiment=best), or a NAME alone for
-experiment=best as it is. Jobs run seed by seed (every variant of seed 0, then of seed 1, ...), N at a time, each a
+A variant is NAME=OVERRIDE[,OVERRIDE...] (cifarlab-train overrides on top of experiment=best; an override with a
+comma of its own, a list, cannot be given here), or a NAME alone for experiment=best as it is. Jobs run seed by seed (every variant of seed 0, then of seed 1, ...), N at a time, each a
 `cifarlab-train experiment=best <overrides> seed=S callbacks=plain threads=1` in its own folder under --runs. When one
 finishes, its checkpoints/best.ckpt and last.ckpt are scored on the test set the way the run tests (its own test-time
 views, bf16 autocast on a GPU), so every run gives both figures: which checkpoint to test is compared on the same
@@ -13,7 +13,7 @@ training runs. One JSON line per finished run goes to --out as it finishes, then
 
 On one GPU the documented model leaves the device mostly idle (a run is bound by its host's Python), so about one
 job per CPU core keeps it busy. --deadline S starts no job that would end after S seconds (judged by the median of
-the runs so far) and stops the ones still running 20 s after it. `--summarize FILE` prints the table of a finished
+the runs so far) and stops the ones still running 20 s after it (their rows say so). `--summarize FILE` prints the table of a finished
 --out file again (docs/performance.md's tables come from it).
 """
 
@@ -31,7 +31,6 @@ import torch
 from omegaconf import OmegaConf
 
 from cifarlab import config
-from cifarlab.data import DataError
 from cifarlab.module import CifarModule
 from cifarlab.train import init_weights, load_data, make_datamodule
 
@@ -108,22 +107,27 @@ def main() -> None:
         log = open(args.runs / f"{name}_s{seed}.log", "w")
         proc = subprocess.Popen([sys.executable, "-m", "cifarlab.train", *overrides], stdout=log,
                                 stderr=subprocess.STDOUT)
-        return {"proc": proc, "name": name, "seed": seed, "dir": run_dir, "overrides": overrides,
+        return {"proc": proc, "log": log, "name": name, "seed": seed, "dir": run_dir, "overrides": overrides,
                 "started": time.time()}
 
-    def finish(job: dict) -> None:
-        durations.append(time.time() - job["started"])
+    def finish(job: dict, stopped: bool = False) -> None:
+        job["log"].close()
         row = {"name": job["name"], "seed": job["seed"], "overrides": job["overrides"],
-               "rc": job["proc"].returncode, "wall_s": round(durations[-1], 1)}
-        try:
-            m = json.loads((job["dir"] / "metrics.json").read_text())
-            row.update(test_acc=m["test_acc"], test_acc_no_tta=m.get("test_acc_no_tta"),
-                       tested_checkpoint=m.get("tested_checkpoint"), best_val_acc=m["best_val_acc"],
-                       epoch_s=m["epoch_s"], device=m["device_name"], precision=m["precision"],
-                       score_best=score(job["dir"], job["dir"] / m["best_checkpoint"]),
-                       score_last=score(job["dir"], job["dir"] / "checkpoints" / "last.ckpt"))
-        except (OSError, KeyError, ValueError, DataError) as e:  # a failed run: no metrics.json, or no checkpoint
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
+               "rc": job["proc"].returncode, "wall_s": round(time.time() - job["started"], 1)}
+        if stopped:
+            row["error"] = "stopped at the deadline"
+        else:
+            durations.append(row["wall_s"])
+            try:
+                m = json.loads((job["dir"] / "metrics.json").read_text())
+                row.update(test_acc=m["test_acc"], test_acc_no_tta=m.get("test_acc_no_tta"),
+                           tested_checkpoint=m.get("tested_checkpoint"), best_val_acc=m["best_val_acc"],
+                           epoch_s=m["epoch_s"], device=m["device_name"], precision=m["precision"])
+                for which in ("best", "last"):
+                    ckpt = job["dir"] / "checkpoints" / f"{which}.ckpt"
+                    row[f"score_{which}"] = score(job["dir"], ckpt)
+            except Exception as e:  # noqa: BLE001 - one run's failure (no metrics, no checkpoint, out of memory)
+                row["error"] = f"{type(e).__name__}: {e}"[:300]  # is recorded, and the others go on
         rows.append(row)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -131,30 +135,37 @@ def main() -> None:
               f"last.ckpt {row.get('score_last')} ({row['wall_s']} s){' ' + row['error'] if 'error' in row else ''}",
               flush=True)
 
-    while queue or running:
-        expected = statistics.median(durations) if durations else 0.0
-        while queue and len(running) < args.jobs and time.time() - start + expected < args.deadline:
-            running.append(launch(*queue.pop(0)))
-        if queue and not running:
-            print(f"deadline: {len(queue)} runs not started", flush=True)
-            queue.clear()
-        for job in list(running):
-            if job["proc"].poll() is not None:
-                running.remove(job)
-                finish(job)
-        if time.time() - start > args.deadline + 20:
-            for job in running:
-                job["proc"].kill()
-                print(f"stopped at the deadline: {job['name']} seed {job['seed']}", flush=True)
-            break
-        time.sleep(1)
+    try:
+        while queue or running:
+            expected = statistics.median(durations) if durations else 0.0
+            while queue and len(running) < args.jobs and time.time() - start + expected < args.deadline:
+                running.append(launch(*queue.pop(0)))
+            if queue and not running:
+                print(f"deadline: {len(queue)} runs not started", flush=True)
+                queue.clear()
+            for job in list(running):
+                if job["proc"].poll() is not None:
+                    running.remove(job)
+                    finish(job)
+            if time.time() - start > args.deadline + 20:
+                while running:
+                    job = running.pop()
+                    job["proc"].kill()
+                    job["proc"].wait()
+                    finish(job, stopped=True)
+                break
+            time.sleep(1)
+    finally:  # an exception or Ctrl-C here leaves no training process behind
+        for job in running:
+            job["proc"].kill()
 
     print(summary(rows, list(variants)))
 
 
 def summary(rows: list[dict], names: list[str]) -> str:
-    """Markdown: per variant, the runs scored and the mean ± std test accuracy of each checkpoint (and of the
-    images alone, without test-time views, on the checkpoint each run tested)."""
+    """Markdown: per variant, the runs scored and the mean ± std test accuracy of each checkpoint. A (variant, seed)
+    that appears twice (the same --out file appended to again) counts once, with its latest row."""
+    rows = list({(r["name"], r["seed"]): r for r in rows}.values())
     lines = ["| variant | runs | seeds | best.ckpt % | last.ckpt % | last - best | runs >= 85 % (last) |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for name in names:

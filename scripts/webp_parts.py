@@ -66,7 +66,7 @@ def pack(src: Path, dest: Path, parts: int, method: int, processes: int) -> list
     for p in range(parts):
         part = dest / f"part{p + 1}"
         part.mkdir(parents=True, exist_ok=True)
-        share = tiles[p::parts]  # every parts-th mosaic: parts of equal size
+        share = tiles[p::parts]  # every parts-th mosaic: parts of about equal size
         with open(part / "tiles.pkl", "wb") as f:
             pickle.dump({"tiles": share, "meta": meta if p == 0 else None}, f, protocol=4)
         if p == 0:

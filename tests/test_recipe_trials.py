@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -38,8 +39,28 @@ def test_runs_every_variant_and_seed_and_scores_both_checkpoints(tmp_path):
         assert OmegaConf.load(run_dir / "config.yaml").label_smoothing == (0.1 if r["name"] == "base" else 0.0)
     table = result.stdout[result.stdout.index("| variant |"):]
     for name in ("base", "ckbest"):
-        xs = [100 * r["score_last"] for r in rows if r["name"] == name]
-        assert f"| {name} | 2 |" in table and f"{sum(xs) / 2:.2f} ± " in table
+        cells = [c.strip() for c in next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+                 .strip("|").split("|")]
+        mine = [r for r in rows if r["name"] == name]
+        for column, key in ((3, "score_best"), (4, "score_last")):
+            xs = [100 * r[key] for r in mine]
+            assert cells[column] == f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}", (name, key)
+        assert cells[1] == "2" and cells[2] == "0,1"
+
+
+def test_summarize_counts_a_run_once_and_leaves_out_failed_and_stopped_ones(tmp_path):
+    run = {"name": "a", "overrides": [], "rc": 0, "wall_s": 1.0}
+    lines = [{**run, "seed": 0, "score_best": 0.80, "score_last": 0.81},
+             {**run, "seed": 0, "score_best": 0.84, "score_last": 0.85},  # seed 0 again, appended later: this one
+             {**run, "seed": 1, "score_best": 0.82, "score_last": 0.83},
+             {**run, "seed": 2, "rc": 1, "error": "FileNotFoundError: metrics.json"},
+             {**run, "seed": 3, "rc": -9, "error": "stopped at the deadline"}]
+    out = tmp_path / "trials.jsonl"
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "recipe_trials.py"), "--summarize", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| a | 2 | 0,1 | 83.00 ± 1.41 | 84.00 ± 1.41 | +1.00 | 1 |" in result.stdout
 
 
 def test_refuses_two_variants_of_one_name(tmp_path):

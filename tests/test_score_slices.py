@@ -76,3 +76,17 @@ def test_test_checkpoint_last_scores_the_final_weights_and_score_slices_follows(
     assert scores[None] == scores["last"]  # by default the checkpoint the run's own test scored
     assert metrics["test_acc"] == pytest.approx(scores["last"][1], abs=1.01 / n_test)
     assert abs(scores["best"][1] - scores["last"][1]) > 5 / n_test  # so testing the wrong one would show
+
+
+def test_without_a_best_checkpoint_the_last_weights_are_tested_and_said_to_be(tmp_path):
+    """~callbacks.model_checkpoint leaves only last.ckpt: test_checkpoint=best cannot be honoured, and the run says
+    what it tested instead of passing last.ckpt off as the best one."""
+    run_dir = tmp_path / "run"
+    result = run_cli("data=synthetic", "trainer.max_epochs=1", "callbacks=plain", "~callbacks.model_checkpoint",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert metrics["tested_checkpoint"] == "last" and metrics["best_checkpoint"] is None
+    assert metrics["best_val_acc"] is None
+    assert "no checkpoint keeps the best val/acc" in (run_dir / "train.log").read_text()
+    assert "(last checkpoint; best val/acc none kept," in result.stdout

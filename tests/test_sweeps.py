@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import CONFIG_DIR, option_names, read_metrics, run_cli
+from conftest import CONFIG_DIR, compose_config, option_names, read_metrics, run_cli
 
 # A job shrunk to seconds: made-up data, one batch of each split, no inspection.
 TINY = ["data=synthetic", "data.n_train=300", "data.n_test=100", "trainer.max_epochs=1",
@@ -202,3 +202,16 @@ def test_ddp_inside_a_sweep_is_refused_per_job(tmp_path):
     assert result.returncode == 0
     for f in job_folders(sweep):
         assert "trainer.strategy=ddp inside a -m sweep" in json.loads((f / "failed.json").read_text())["error"]
+
+
+def test_a_key_added_later_leaves_config_sha_alone_at_its_default():
+    """Sweeps started before test_checkpoint existed still skip their finished jobs and resume their stopped ones."""
+    from omegaconf import OmegaConf
+
+    from cifarlab import train
+
+    cfg = compose_config()
+    before = OmegaConf.to_container(cfg)
+    del before["test_checkpoint"]  # a config composed before the key was added
+    assert train.config_sha(cfg) == train.config_sha(OmegaConf.create(before))
+    assert train.config_sha(compose_config("test_checkpoint=last")) != train.config_sha(cfg)

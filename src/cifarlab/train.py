@@ -180,11 +180,20 @@ def set_aside(run_dir: Path) -> Path:
     return attempt
 
 
+# Keys added to configs/train.yaml after runs were made without them, with their defaults: at the default, a key is left
+# out of config_sha, so a sweep started before it existed still skips its finished jobs and resumes its stopped ones.
+ADDED_KEYS = {"test_checkpoint": "best"}
+
+
 def config_sha(cfg: DictConfig) -> str:
-    """What makes two jobs the same job: the resolved config, less the thread count and the resume request."""
+    """What makes two jobs the same job: the resolved config, less the thread count, the resume request and keys added
+    later that are at their defaults (ADDED_KEYS)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("threads", None)
     plain.pop("resume", None)
+    for key, default in ADDED_KEYS.items():
+        if plain.get(key, default) == default:
+            plain.pop(key, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -358,13 +367,18 @@ def train(
         if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1) after flushing the loggers
             raise interrupted(trainer, run_dir) from None
         raise
-    ckpt_cb = trainer.checkpoint_callback
-    has_best = ckpt_cb is not None and ckpt_cb.best_model_path
+    # The checkpoint callback that keeps the best val/acc (callbacks.model_checkpoint), not merely the first one: with
+    # ~callbacks.model_checkpoint, last_checkpoint (monitor: null) would otherwise pass for it.
+    ckpt_cb = next((c for c in trainer.checkpoint_callbacks if c.monitor is not None), None)
+    has_best = ckpt_cb is not None and bool(ckpt_cb.best_model_path)
     timer = next((c for c in trainer.callbacks if isinstance(c, EpochTimer)), None)
     # Read before testing: loading the best checkpoint also loads the timer's state as it was at that epoch.
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
     # test_checkpoint=last scores the weights in memory: those training ended with (also those of last.ckpt)
     tested = "best" if has_best and cfg.get("test_checkpoint", "best") == "best" else "last"
+    if tested != cfg.get("test_checkpoint", "best"):
+        log.warning("test_checkpoint=best, but no checkpoint keeps the best val/acc (callbacks.model_checkpoint "
+                    "removed?): testing the weights training ended with; metrics.json says tested_checkpoint: last")
     try:
         test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_cb.best_model_path if tested == "best"
                             else None, verbose=False)[0]
@@ -499,8 +513,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\ninterrupted; continue with: cifarlab-train resume={run_dir}", file=sys.stderr)
         sys.exit(130)
     source = "" if metrics["data_source"] == "cifar10" else f" on {metrics['data_source']}"
-    print(f"test/acc {metrics['test_acc']:.4f}{source} (best val/acc {metrics['best_val_acc']:.4f}, "
-          f"{metrics['params']:,} params, {metrics['epoch_s']:.1f} s/epoch)")
+    best_val = "none kept" if metrics["best_val_acc"] is None else f"{metrics['best_val_acc']:.4f}"
+    print(f"test/acc {metrics['test_acc']:.4f}{source} ({metrics['tested_checkpoint']} checkpoint; best val/acc "
+          f"{best_val}, {metrics['params']:,} params, {metrics['epoch_s']:.1f} s/epoch)")
     print(f"logs: {run_dir}  (tensorboard --logdir {run_dir} --host 127.0.0.1)")
     return metrics["best_val_acc"]
 
