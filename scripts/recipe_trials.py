@@ -30,9 +30,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from cifarlab import config
-from cifarlab.module import CifarModule
-from cifarlab.train import init_weights, load_data, make_datamodule
+from cifarlab.train import load_data
+from score_slices import test_hits
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -46,7 +45,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 class Scorer:
-    """Test accuracy of a run's checkpoint, with the run's config; the data is read once per data config."""
+    """Test accuracy of a run's checkpoint, scored as score_slices.py does (on this device); the data is read once per
+    data config."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -57,19 +57,7 @@ class Scorer:
         key = OmegaConf.to_yaml(cfg.data)
         if key not in self.arrays:
             self.arrays[key] = load_data(cfg.data, cfg.data.split_seed)
-        datamodule = make_datamodule(cfg, self.arrays[key])  # the run's own split and normalisation
-        model = config.build_model(cfg.model)
-        init_weights(model, str(ckpt), where=str(ckpt))
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = model.to(self.device, memory_format=fmt)
-        module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=cfg.test_flips,
-                             test_shift=cfg.test_shift).to(self.device).eval()
-        on_gpu = self.device.type == "cuda"
-        hits = []
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            for x, y in datamodule.test_dataloader():
-                hits.append(module.eval_logits(x.to(self.device)).argmax(1) == y.to(self.device))
-        return torch.cat(hits).float().mean().item()
+        return test_hits(cfg, self.arrays[key], ckpt, self.device).mean().item()
 
 
 def main() -> None:

@@ -39,6 +39,24 @@ def checkpoint_file(run_dir: Path, which: str | None) -> Path:
     return run_dir / metrics["best_checkpoint"]  # relative to the run folder
 
 
+def test_hits(cfg, arrays, ckpt: Path, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """(N,) 1.0 where the checkpoint's prediction for test image i is right, scored the way the run tests: its model,
+    normalisation from its own training split, test-time views and memory format. On a GPU in bf16 autocast, as a run
+    there tests (bf16-mixed); on a CPU in float32."""
+    datamodule = make_datamodule(cfg, arrays)  # the run's own split and normalisation (its test set is not augmented)
+    model = config.build_model(cfg.model)
+    init_weights(model, str(ckpt), where=str(ckpt))
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=cfg.test_flips,
+                         test_shift=cfg.test_shift).to(device).eval()
+    correct = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for x, y in datamodule.test_dataloader():
+            correct.append(module.eval_logits(x.to(device)).argmax(1) == y.to(device))
+    return torch.cat(correct).float().cpu()
+
+
 def score(run_dir: Path, split: int, data_root: str | None, which: str | None = None) -> dict:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if data_root is not None:
@@ -47,19 +65,8 @@ def score(run_dir: Path, split: int, data_root: str | None, which: str | None = 
     if not 0 < split < len(arrays.test_y):
         sys.exit(f"--split {split}: must be between 1 and {len(arrays.test_y) - 1} (the test set has "
                  f"{len(arrays.test_y)} images)")
-    datamodule = make_datamodule(cfg, arrays)  # the run's own split and normalisation (its test set is not augmented)
-    model = config.build_model(cfg.model)
     ckpt = checkpoint_file(run_dir, which)
-    init_weights(model, str(ckpt), where=str(ckpt))
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=cfg.test_flips,
-                         test_shift=cfg.test_shift).eval()
-    correct = []
-    with torch.no_grad():
-        for x, y in datamodule.test_dataloader():
-            correct.append(module.eval_logits(x).argmax(1) == y)
-    hit = torch.cat(correct).float()  # (N,) 1 where the prediction is right
+    hit = test_hits(cfg, arrays, ckpt)  # (N,) 1 where the prediction is right
     return {"run": str(run_dir), "checkpoint": ckpt.name, "n": [split, len(hit) - split],
             "test_acc": hit.mean().item(), "first": hit[:split].mean().item(), "rest": hit[split:].mean().item()}
 
