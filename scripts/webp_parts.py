@@ -23,17 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-BATCHES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+from cifarlab import data
+
+BATCHES = [name for name, _ in data.TRAIN_FILES + data.TEST_FILES]  # the batch files, as torchvision lists them
 PER_TILE = 100  # images per mosaic: 10 x 10 images of 32 x 32
 
 
 def _folder(root: Path) -> Path:
-    return root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
-
-
-def _read(path: Path) -> dict:
-    with open(path, "rb") as f:  # the official files, or those unpack wrote: a dict, str keys under latin1
-        return pickle.load(f, encoding="latin1")
+    return root if root.name == data.FOLDER else root / data.FOLDER
 
 
 def _encode(job: tuple[str, int, np.ndarray, int]) -> tuple[str, int, int, bytes]:
@@ -56,7 +53,7 @@ def pack(src: Path, dest: Path, parts: int, method: int, processes: int) -> list
     folder = _folder(src)
     jobs, meta = [], {}
     for name in BATCHES:
-        batch = _read(folder / name)
+        batch = data._unpickle(folder / name)  # the project's reader: a dict, str keys; nothing but numpy called
         images = np.asarray(batch["data"], np.uint8)  # (N, 3072)
         meta[name] = {k: v for k, v in batch.items() if k != "data"}  # labels, filenames, batch_label
         jobs += [(name, i, images[s : s + PER_TILE], method) for i, s in enumerate(range(0, len(images), PER_TILE))]
@@ -70,7 +67,7 @@ def pack(src: Path, dest: Path, parts: int, method: int, processes: int) -> list
         with open(part / "tiles.pkl", "wb") as f:
             pickle.dump({"tiles": share, "meta": meta if p == 0 else None}, f, protocol=4)
         if p == 0:
-            shutil.copy(folder / "batches.meta", part / "batches.meta")
+            shutil.copy(folder / data.META["filename"], part / data.META["filename"])
         out.append(part)
     return out
 
@@ -87,7 +84,7 @@ def unpack(dest: Path, parts: list[Path]) -> Path:
         raise SystemExit("no part holds the labels (part1): give every part pack wrote")
     folder = _folder(dest)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(meta_part / "batches.meta", folder / "batches.meta")
+    shutil.copy(meta_part / data.META["filename"], folder / data.META["filename"])
     for name, labels in meta.items():
         mine = sorted((i, n, blob) for b, i, n, blob in tiles if b == name)
         if [i for i, _, _ in mine] != list(range(len(mine))):

@@ -375,8 +375,9 @@ def train(
     # Read before testing: loading the best checkpoint also loads the timer's state as it was at that epoch.
     timing = timer.summary() if timer else {"epoch_s": None, "train_img_per_s": None}
     # test_checkpoint=last scores the weights in memory: those training ended with (also those of last.ckpt)
-    tested = "best" if has_best and cfg.get("test_checkpoint", "best") == "best" else "last"
-    if tested != cfg.get("test_checkpoint", "best"):
+    wanted = cfg.get("test_checkpoint", "best")
+    tested = "best" if has_best and wanted == "best" else "last"
+    if tested != wanted:
         log.warning("test_checkpoint=best, but no checkpoint keeps the best val/acc (callbacks.model_checkpoint "
                     "removed?): testing the weights training ended with; metrics.json says tested_checkpoint: last")
     try:
