@@ -42,24 +42,38 @@ def report(prof: torch.profiler.profile, title: str, rows: int) -> None:
 
 
 class ProfileSteps(L.Callback):
-    """Profiles training steps [first, first + n) of epoch 1 (the second: cudnn.benchmark and caches settled)."""
+    """Profiles training steps [first, first + n) of epoch 1 (the second: cudnn.benchmark and caches settled).
+
+    Lightning hands the module groups of steps_per_call batches, so the profile spans whole groups: from the one
+    holding step `first` to the one holding step first + n - 1; `steps` is how many that is.
+    """
 
     def __init__(self, device: torch.device, activities: list, first: int, n: int, title: str, rows: int):
         self.device, self.activities, self.first, self.n = device, activities, first, n
         self.title, self.rows = title, rows
         self.prof: torch.profiler.profile | None = None
         self.done = False
+        self.steps = 0
+
+    @staticmethod
+    def _span(trainer, group_idx: int) -> range:
+        per_call = trainer.datamodule.steps_per_call
+        return range(group_idx * per_call, min((group_idx + 1) * per_call, trainer.datamodule.train_batches()))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch == 1 and batch_idx == self.first:
-            self.start = benchmark.sync(self.device)
+        if trainer.current_epoch == 1 and self.first in self._span(trainer, batch_idx) and not self.done:
+            self.start, self.steps = benchmark.sync(self.device), 0
             self.prof = torch.profiler.profile(activities=self.activities)
             self.prof.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.prof is not None and batch_idx == self.first + self.n - 1:
-            ms = (benchmark.sync(self.device) - self.start) * 1000 / self.n
-            print(f"cifarlab profiled {self.n} steps: {ms:.3f} ms/step")
+        if self.prof is None:
+            return
+        span = self._span(trainer, batch_idx)
+        self.steps += len(span)
+        if self.first + self.n - 1 in span:
+            ms = (benchmark.sync(self.device) - self.start) * 1000 / self.steps
+            print(f"cifarlab profiled {self.steps} steps: {ms:.3f} ms/step")
             self.prof.__exit__(None, None, None)
             report(self.prof, self.title, self.rows)
             self.prof, self.done = None, True

@@ -54,10 +54,13 @@ class TestAccuracyProbe(L.Callback):
             self._start = benchmark.sync(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        per_epoch = trainer.num_training_batches
+        # Lightning hands the module groups of steps_per_call batches: probe after the group that passes a mark,
+        # and say how far into the epoch that really is.
+        per_epoch, per_call = trainer.datamodule.train_batches(), trainer.datamodule.steps_per_call
+        done = min((batch_idx + 1) * per_call, per_epoch)  # batches of this epoch trained on so far
         marks = {round(per_epoch * k / self.probes_per_epoch) for k in range(1, self.probes_per_epoch + 1)}
-        if batch_idx + 1 in marks:
-            self._probe(trainer, pl_module, trainer.current_epoch + (batch_idx + 1) / per_epoch)
+        if any(done - per_call < mark <= done for mark in marks):
+            self._probe(trainer, pl_module, trainer.current_epoch + done / per_epoch)
 
     def _probe(self, trainer, pl_module, epoch: float) -> None:
         now = benchmark.sync(pl_module.device)
@@ -99,7 +102,8 @@ def run_cifarlab(overrides: list[str], target: float, max_batches: int | None, p
 
     limits = [] if max_batches is None else [f"trainer.limit_train_batches={max_batches}",
                                               f"trainer.limit_val_batches={max_batches}",
-                                              f"trainer.limit_test_batches={max_batches}"]
+                                              f"trainer.limit_test_batches={max_batches}",
+                                              "steps_per_call=1"]  # so that 3 batches still hold 3 probe marks
     cfg = train.settle(benchmark.compose([*overrides, *limits]))
     probe = TestAccuracyProbe(target, max_batches, probes_per_epoch)
     with tempfile.TemporaryDirectory() as tmp:

@@ -136,7 +136,8 @@ def test_profile_step_profiles_cifarlab_and_the_bare_loop(tmp_path, subset_root)
                      "callbacks=plain", "data.batch_size=64", "trainer.limit_train_batches=34",
                      "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    for line in (r"cifarlab profiled 3 steps: \d+\.\d+ ms/step", r"bare profiled 3 steps: \d+\.\d+ ms/step",
+    # Steps 30-32 of the second epoch, in whole groups of 16 (steps_per_call): 16-31 and 32-33 (34 batches an epoch)
+    for line in (r"cifarlab profiled 18 steps: \d+\.\d+ ms/step", r"bare profiled 3 steps: \d+\.\d+ ms/step",
                  r"bare unprofiled: \d+\.\d+ ms/step", r"==== cifarlab callbacks=plain .*: top by self CPU",
                  r"==== bare: top by self CPU", r"aten::convolution"):
         assert re.search(line, result.stdout), line

@@ -68,6 +68,13 @@ REFUSED = [
     (["test_shift=-1"], r"test_shift=-1: must be an int in \[0, 8\] \(px; 0 = no shifted test views\)"),
     (["test_shift=12"], r"test_shift=12: must be an int in \[0, 8\]"),
     (["test_checkpoint=median"], r"test_checkpoint='median': must be best \(the epoch with the highest val/acc\) or last"),
+    (["steps_per_call=0"], r"steps_per_call=0: must be an int >= 1 \(training batches per Lightning call; 1 = one"),
+    (["steps_per_call=many"], r"steps_per_call='many': must be an int >= 1"),
+    (["+trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0: must be an int >= 1 \(batches per"),
+    (["trainer.gradient_clip_val=-1"], r"trainer.gradient_clip_val=-1: must be null \(no clipping\) or a number >= 0"),
+    (["+trainer.gradient_clip_algorithm=max"], r"trainer.gradient_clip_algorithm='max': must be norm \(the "),
+    (["trainer.limit_train_batches=1.5"], r"trainer.limit_train_batches=1.5: must be null \(all\), a batch count"),
+    (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0: must be null \(all\), a batch count >= 1"),
     (["model.pool._target_=os.system"], r"model.pool._target_='os.system': not an allowed target"),
     (["callbacks.epoch_timer._target_=subprocess.call"], r"callbacks.epoch_timer._target_='subprocess.call': not an allowed"),
 ]

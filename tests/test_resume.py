@@ -193,3 +193,39 @@ def test_last_checkpoint_is_written_after_every_epoch_not_only_the_improving_one
     train.train(cfg, tmp_path, extra_callbacks=[probe])
     assert [(epoch - 1, epoch - 1) for epoch, _, _ in probe.seen] == [(last, epoch - 1) for epoch, last, _ in probe.seen]
     assert [best for _, _, best in probe.seen] == [0, 0, 0], probe.seen  # no epoch after the first improved val/acc
+
+
+class KeepFirstCheckpoint(L.Callback):
+    """Copies checkpoints/last.ckpt as the first epoch left it, when the second starts."""
+
+    def __init__(self, run_dir: Path, to: Path):
+        self.last, self.to = run_dir / "checkpoints" / checkpoint.LAST, to
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            self.to.write_bytes(self.last.read_bytes())
+
+
+def test_a_checkpoint_of_the_versions_where_lightning_stepped_the_optimizer_resumes_at_its_step(tmp_path):
+    """Before steps_per_call, Lightning's automatic optimization counted the steps, and checkpoints hold the count
+    there (the manual loop's count is 0). Resuming such a checkpoint continues at its step: the run ends with the
+    steps, schedule and scores of the run never stopped."""
+    cfg = train.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=256", "data.val_size=200",
+                                      "data.batch_size=50", "trainer.max_epochs=2", "callbacks=plain", "threads=2",
+                                      "test_checkpoint=last"))  # best.ckpt stays in the reference's folder
+    reference, resumed, first = tmp_path / "reference", tmp_path / "resumed", tmp_path / "epoch1.ckpt"
+    reference.mkdir()
+    want = train.train(cfg, reference, extra_callbacks=[KeepFirstCheckpoint(reference, first)])
+    old = torch.load(first, weights_only=False)
+    loops = old["loops"]["fit_loop"]
+    manual = "epoch_loop.manual_optimization.optim_step_progress"
+    assert loops[manual]["total"]["completed"] == old["global_step"] == 20
+    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = loops[manual]
+    loops[manual] = {"total": {"ready": 0, "completed": 0}, "current": {"ready": 0, "completed": 0}}
+    (resumed / "checkpoints").mkdir(parents=True)
+    torch.save(old, resumed / "checkpoints" / checkpoint.LAST)
+    (resumed / train.SAVED_CONFIG).write_text((reference / train.SAVED_CONFIG).read_text())
+    got = train.train(cfg, resumed, resume=True)
+    assert got["steps"] == want["steps"] == 40
+    for key in ("test_acc", "test_loss", "epochs"):
+        assert got[key] == want[key], key

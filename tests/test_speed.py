@@ -131,7 +131,8 @@ def test_compiled_run_trains_logs_its_graph_and_saves_plain_checkpoints(tmp_path
 
 
 class SyncCounter(L.Callback):
-    """Counts the tensor -> Python conversions (each one a host sync on a GPU) made during each training step.
+    """Counts the tensor -> Python conversions (each one a host sync on a GPU) made while the module trains on each
+    group of batches Lightning hands it (steps_per_call), keyed by the optimizer steps the group took.
 
     The optimizers' own step counters are left out: torch keeps them on the host by design (non-capturable Adam/SGD),
     so reading them is no sync on a GPU either.
@@ -140,41 +141,44 @@ class SyncCounter(L.Callback):
     METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
     def __init__(self, monkeypatch):
-        self.by_step: dict[int, int] = {}
-        self.step: int | None = None
+        self.by_group: dict[tuple[int, ...], int] = {}
+        self.count: int | None = None
         for name in self.METHODS:
             original = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, self._counting(original))
 
     def _counting(self, original):
         def wrapper(tensor, *args, **kwargs):
-            if self.step is not None and not any(f"{os.sep}torch{os.sep}optim{os.sep}" in frame.filename
-                                                 for frame in traceback.extract_stack(limit=8)):
-                self.by_step[self.step] = self.by_step.get(self.step, 0) + 1
+            if self.count is not None and not any(f"{os.sep}torch{os.sep}optim{os.sep}" in frame.filename
+                                                  for frame in traceback.extract_stack(limit=8)):
+                self.count += 1
             return original(tensor, *args, **kwargs)
 
         return wrapper
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.step = trainer.global_step
-        self.by_step.setdefault(self.step, 0)
+        self.count = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.step = None
+        self.by_group[tuple(outputs["steps"])] = self.count  # counted up to here: the other callbacks ran before
+        self.count = None
 
 
 def test_a_training_step_reads_nothing_back_from_the_device_except_on_logging_steps(tmp_path, monkeypatch):
-    """Every step of the real pipeline (default callbacks: TensorBoard, inspection, checkpoints, the NaN guard)
-    between log_every_n_steps is free of tensor -> Python conversions, the host syncs that stall a GPU. (Syncs inside
-    C++ ops, such as torch.unique, are not seen from Python; on a GPU, torch.cuda.set_sync_debug_mode shows those.)"""
+    """Every group of steps of the real pipeline (default callbacks: TensorBoard, inspection, checkpoints, the NaN
+    guard) that holds no log_every_n_steps-th step is free of tensor -> Python conversions, the host syncs that stall
+    a GPU. (Syncs inside C++ ops, such as torch.unique, are not seen from Python; on a GPU,
+    torch.cuda.set_sync_debug_mode shows those.)"""
     counter = SyncCounter(monkeypatch)
-    cfg = _synthetic_cfg(tmp_path)
+    cfg = _synthetic_cfg(tmp_path, "steps_per_call=2", "trainer.log_every_n_steps=10", "trainer.max_epochs=2")
     train.train(cfg, tmp_path, extra_callbacks=[counter])
     every = cfg.trainer.log_every_n_steps
-    quiet = {step: n for step, n in counter.by_step.items() if (step + 1) % every}
-    logging = {step: n for step, n in counter.by_step.items() if not (step + 1) % every}
+    assert [s for group in counter.by_group for s in group] == list(range(40))  # 20 steps an epoch, two a group
+    logs = lambda group: any((s + 1) % every == 0 for s in group)  # noqa: E731
+    quiet = {group: n for group, n in counter.by_group.items() if not logs(group)}
+    logging = {group: n for group, n in counter.by_group.items() if logs(group)}
     assert len(quiet) >= 15 and all(n == 0 for n in quiet.values()), quiet
-    assert logging and all(n > 0 for n in logging.values()), logging  # the counter does see the logging steps
+    assert len(logging) == 4 and all(n > 0 for n in logging.values()), logging  # the counter does see them
 
 
 def test_inspection_is_never_in_the_per_step_path():
@@ -189,26 +193,27 @@ def test_inspection_is_never_in_the_per_step_path():
 
 
 class StepRecorder(L.Callback):
-    """Every optimizer step's loss (as Lightning hands it on, for the step's last batch) and learning rate."""
+    """Every optimizer step's loss (of the step's last batch, before the module divides it for accumulation) and
+    learning rate, from the hooks Lightning still calls once per backward pass and once per optimizer step."""
 
     def __init__(self, accumulate: int = 1):
         self.accumulate = accumulate  # batches per optimizer step
         self.loss: dict[int, float] = {}
         self.lr: dict[int, float] = {}
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.loss[trainer.global_step] = float(loss.detach()) * self.accumulate  # a later batch of the step overwrites it
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % self.accumulate == 0:  # the batch that stepped the optimizer
-            self.loss[trainer.global_step - 1] = float(outputs["loss"])
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lr[trainer.global_step] = optimizer.param_groups[0]["lr"]
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_values(tmp_path, accumulate):
-    """train/loss and train/lr are logged only on the steps Lightning writes (self.log costs more host time than a
-    GPU step): every log_every_n_steps-th step gets exactly its own loss and rate, and no other step is written. With
-    gradient accumulation the loss is the batch's own, not Lightning's outputs["loss"] (divided by the batches)."""
+    """train/loss and train/lr are logged only on every log_every_n_steps-th optimizer step (self.log costs more host
+    time than a GPU step), also when that step lies inside a group of steps_per_call batches (16: groups of 16 and 4
+    here): each gets exactly its own loss and rate, and no other step is written. With gradient accumulation the loss
+    is the step's last batch's own, not the one divided by the batches for the backward pass."""
     recorder = StepRecorder(accumulate)
     epochs = 2 * accumulate  # the same number of optimizer steps either way
     cfg = _synthetic_cfg(tmp_path, f"trainer.max_epochs={epochs}", f"+trainer.accumulate_grad_batches={accumulate}")
@@ -217,8 +222,7 @@ def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_v
     every, steps = cfg.trainer.log_every_n_steps, len(recorder.loss)
     expected = [s for s in range(steps) if (s + 1) % every == 0]
     assert steps >= 4 * every and len(expected) >= 4
-    losses = {s: loss * accumulate for s, loss in recorder.loss.items()}  # the optimizer step's last batch
-    for tag, values in (("train/loss", losses), ("train/lr", recorder.lr)):
+    for tag, values in (("train/loss", recorder.loss), ("train/lr", recorder.lr)):
         logged = acc.Scalars(tag)
         assert [e.step for e in logged] == expected, tag
         assert [e.value for e in logged] == pytest.approx([values[s] for s in expected], rel=1e-6), tag
@@ -239,8 +243,114 @@ def test_train_accuracy_is_the_accuracy_of_the_epochs_own_batches(tmp_path):
     initial.train()  # as in training (no dropout or BatchNorm in the default model, so mode changes nothing)
     correct = total = 0
     with torch.no_grad():
-        for x, y in dm.train_dataloader():
-            correct += int((initial(x).argmax(1) == y).sum())
-            total += len(y)
+        for group in dm.train_dataloader():  # groups of steps_per_call batches
+            for x, y in group:
+                correct += int((initial(x).argmax(1) == y).sum())
+                total += len(y)
     assert total == (len(dm.train_y) // cfg.data.batch_size) * cfg.data.batch_size
     assert logged == pytest.approx(correct / total, abs=1e-6)
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("extra", [[], ["+trainer.accumulate_grad_batches=3", "trainer.gradient_clip_val=0.05"]],
+                         ids=["plain", "accumulate+clip"])
+def test_steps_per_call_changes_no_number(tmp_path, extra):
+    """Groups of 1, 7 or 16 batches per Lightning call train the same weights, log the same values at the same steps
+    and score the same (CPU, float32): steps_per_call is a speed knob only. Also with accumulation and clipping,
+    whose groups of 3 batches straddle the groups of 7 and 16."""
+    runs = {}
+    for k in (1, 7, 16):
+        (tmp_path / str(k)).mkdir()
+        cfg = _synthetic_cfg(tmp_path / str(k), f"steps_per_call={k}", "trainer.max_epochs=2", "callbacks=plain", *extra)
+        metrics = train.train(cfg, tmp_path / str(k))
+        loss = [(e.step, e.value) for e in EventAccumulator(str(tmp_path / str(k))).Reload().Scalars("train/loss")]
+        runs[k] = metrics, loss, _weights(tmp_path / str(k))
+    (m1, loss1, w1) = runs[1]
+    assert m1["steps"] == (2 * 20 if not extra else 2 * 7) and len(loss1) >= 2
+    for k in (7, 16):
+        metrics, loss, weights = runs[k]
+        assert (metrics["steps"], metrics["test_acc"], metrics["test_loss"]) == (m1["steps"], m1["test_acc"],
+                                                                                m1["test_loss"])
+        assert loss == loss1
+        assert weights.keys() == w1.keys() and all(torch.equal(weights[n], w1[n]) for n in w1)
+
+
+class _Flat:
+    """The batches of data.StepGroups one at a time, for Lightning's own (automatic) optimization."""
+
+    def __init__(self, groups):
+        self.groups = groups
+
+    def __len__(self):
+        return len(self.groups.batches)
+
+    def __iter__(self):
+        for group in self.groups:
+            yield from group
+
+
+class _AutomaticModule(CifarModule):
+    """CifarModule as Lightning's automatic optimization would train it: the reference for the module's own loop."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = True
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.criterion(self.model(x.contiguous(memory_format=self.memory_format)), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        pass  # Lightning clips itself here
+
+    def total_steps(self):
+        return int(self.trainer.estimated_stepping_batches)
+
+
+def test_the_modules_own_stepping_is_lightnings_automatic_optimization(tmp_path):
+    """The module steps the optimizer itself (so that one Lightning call can take many steps); with accumulation,
+    clipping, the one-cycle schedule and an epoch whose batches do not divide by the accumulation, it must end with
+    the weights Lightning's automatic optimization trains from the same batches."""
+    cfg = _synthetic_cfg(tmp_path, "trainer.max_epochs=2", "steps_per_call=4")
+    weights = {}
+    for name in ("module", "automatic"):
+        torch.manual_seed(0)
+        dm = train.make_datamodule(cfg, train.load_data(cfg.data, cfg.data.split_seed))
+        model = config.build_model(cfg.model).to(memory_format=torch.channels_last)
+        cls = CifarModule if name == "module" else _AutomaticModule
+        module = cls(model, config.build_optimizer(cfg.optimizer), config.build_scheduler(cfg.scheduler),
+                     label_smoothing=0.1, channels_last=True, steps_per_epoch=dm.train_batches,
+                     accumulate_grad_batches=3, gradient_clip_val=0.05)
+        lightning_own = {} if name == "module" else {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05}
+        trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=0, **lightning_own)
+        dm.setup("fit")
+        loader = dm.train_dataloader() if name == "module" else _Flat(dm.train_dataloader())
+        trainer.fit(module, train_dataloaders=loader)
+        assert trainer.global_step == 2 * 7  # 20 batches an epoch: 6 steps of 3 and one of 2
+        weights[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.allclose(weights["module"][k], weights["automatic"][k], rtol=1e-5, atol=1e-7)
+               for k in weights["automatic"])
+    assert not torch.equal(weights["module"]["stage1.conv.weight"],
+                           config.build_model(cfg.model).state_dict()["stage1.conv.weight"])
+
+
+@pytest.mark.parametrize("limit,steps", [("5", 5), ("0.5", 10), ("null", 20)])
+def test_limit_train_batches_and_max_steps_count_batches_not_groups(tmp_path, limit, steps):
+    """trainer.limit_train_batches counts training batches (a count, or a fraction of them) and max_steps counts
+    optimizer steps, however many batches Lightning hands the module at once; a max_steps inside a group stops there
+    and the one-cycle schedule spans exactly the steps taken."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    per_epoch = _synthetic_cfg(tmp_path / "a", f"trainer.limit_train_batches={limit}", "callbacks=plain",
+                               "steps_per_call=16", "trainer.max_epochs=2")
+    assert train.train(per_epoch, tmp_path / "a")["steps"] == 2 * steps
+    capped = _synthetic_cfg(tmp_path / "b", f"trainer.limit_train_batches={limit}", "callbacks=plain",
+                            "steps_per_call=16", "trainer.max_epochs=2", "+trainer.max_steps=7")
+    recorder = StepRecorder()
+    assert train.train(capped, tmp_path / "b", extra_callbacks=[recorder])["steps"] == 7
+    assert sorted(recorder.lr) == list(range(7))
+    assert recorder.lr[6] < recorder.lr[0]  # the schedule was 7 steps long: the last step is near its floor

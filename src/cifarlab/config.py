@@ -300,6 +300,25 @@ def check_recipe(cfg: DictConfig) -> None:
     for key, value in positive_ints.items():
         if not (_is_int(value) and value >= 1):
             raise ConfigError(f"{key}={_fmt(value)}: must be an int >= 1")
+    per_call = cfg.get("steps_per_call", 1)
+    if not (_is_int(per_call) and per_call >= 1):
+        raise ConfigError(f"steps_per_call={_fmt(per_call)}: must be an int >= 1 (training batches per Lightning "
+                          "call; 1 = one step per call)")
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    if not (_is_int(accumulate) and accumulate >= 1):
+        raise ConfigError(f"trainer.accumulate_grad_batches={_fmt(accumulate)}: must be an int >= 1 (batches per "
+                          "optimizer step)")
+    clip = cfg.trainer.get("gradient_clip_val")
+    if not (clip is None or (_number(clip) and clip >= 0)):
+        raise ConfigError(f"trainer.gradient_clip_val={_fmt(clip)}: must be null (no clipping) or a number >= 0")
+    clip_by = cfg.trainer.get("gradient_clip_algorithm")
+    if clip_by not in (None, "norm", "value"):
+        raise ConfigError(f"trainer.gradient_clip_algorithm={_fmt(clip_by)}: must be norm (the gradients' total "
+                          "norm) or value (each element)")
+    limit = cfg.trainer.get("limit_train_batches")
+    if not (limit is None or (_is_int(limit) and limit >= 1) or (isinstance(limit, float) and 0 < limit <= 1)):
+        raise ConfigError(f"trainer.limit_train_batches={_fmt(limit)}: must be null (all), a batch count >= 1 or "
+                          "a fraction in (0, 1]")
     ls = cfg.label_smoothing
     if not (_number(ls) and 0 <= ls < 1):
         raise ConfigError(f"label_smoothing={_fmt(ls)}: must be a number in [0, 1)")

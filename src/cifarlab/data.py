@@ -297,15 +297,18 @@ class DeviceBatches:
         rank: int = 0,
         world: int = 1,
         memory_format: torch.memory_format = torch.contiguous_format,  # of the training batches
+        limit: int | None = None,  # training: at most this many batches per epoch (trainer.limit_train_batches)
     ):
         self.images, self.labels, self.batch_size, self.transform = images, labels, batch_size, transform
         self.train, self.seed, self.epoch, self.flip, self.crop_padding = train, seed, epoch, flip, crop_padding
         self.rank, self.world = rank, world  # under DDP each process takes every world-th image from rank on
-        self.memory_format = memory_format
+        self.memory_format, self.limit = memory_format, limit
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.labels), self.world)) if not self.train else len(self.labels) // self.world
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)  # training drops the tail
+        if not self.train:
+            return math.ceil(len(range(self.rank, len(self.labels), self.world)) / self.batch_size)
+        n = len(self.labels) // self.world // self.batch_size  # training drops the tail
+        return n if self.limit is None else min(n, self.limit)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.batch_size
@@ -358,6 +361,42 @@ class DeviceBatches:
         return self.transform(x).contiguous(memory_format=self.memory_format)
 
 
+class StepGroups:
+    """Training batches handed to Lightning `per_call` at a time: a list of (images, labels) batches per call.
+
+    Lightning spends Python on every batch it hands out (hooks on each callback, progress, logging checks, loop
+    bookkeeping): about a millisecond and a half on a CPU core, more than a whole training step of this model on a
+    GPU. The module takes one optimizer step per batch of the list (CifarModule.training_step), so that cost is paid
+    once per `per_call` steps. The last group of an epoch may be shorter.
+    """
+
+    def __init__(self, batches: DeviceBatches, per_call: int):
+        self.batches, self.per_call = batches, per_call
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.per_call)
+
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        group: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for batch in self.batches:
+            group.append(batch)
+            if len(group) == self.per_call:
+                yield group
+                group = []
+        if group:
+            yield group
+
+
+def limited_batches(n: int, limit: int | float | None) -> int:
+    """Batches per epoch under trainer.limit_train_batches: a count, or a fraction of the n batches (Lightning's
+    rule: int(n * fraction))."""
+    if limit is None:
+        return n
+    if isinstance(limit, float) and limit <= 1.0:
+        return int(n * limit)
+    return min(n, int(limit))
+
+
 class Normalize:
     """uint8 or [0, 1] float images -> float, minus mean, over std, per channel (identity stats = ToTensor)."""
 
@@ -398,8 +437,11 @@ class CifarDataModule(L.LightningDataModule):
         crop_padding: int,
         seed: int,
         channels_last: bool = False,
+        steps_per_call: int = 1,
+        limit_train_batches: int | float | None = None,
     ):
         super().__init__()
+        self.steps_per_call, self.limit_train_batches = steps_per_call, limit_train_batches
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.arrays, self.n_val, self.split_seed, self.seed = arrays, n_val, split_seed, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -435,7 +477,16 @@ class CifarDataModule(L.LightningDataModule):
             return {"rank": 0, "world": 1}
         return {"rank": self.trainer.global_rank, "world": self.trainer.world_size}
 
-    def train_dataloader(self) -> DeviceBatches:
+    def train_batches(self) -> int:
+        """Training batches (optimizer steps without accumulation) per epoch on this process."""
+        return len(self._train_batches())
+
+    def train_dataloader(self) -> StepGroups:
+        return StepGroups(self._train_batches(), self.steps_per_call)
+
+    def _train_batches(self) -> DeviceBatches:
+        shard = self._shard()
+        per_epoch = len(self.train_y) // shard["world"] // self.batch_size
         return DeviceBatches(
             self.train_x,
             self.train_y,
@@ -447,7 +498,8 @@ class CifarDataModule(L.LightningDataModule):
             flip=self.flip,
             crop_padding=self.crop_padding,
             memory_format=self.memory_format,
-            **self._shard(),
+            limit=limited_batches(per_epoch, self.limit_train_batches),
+            **shard,
         )
 
     def val_dataloader(self) -> DeviceBatches:

@@ -3,6 +3,7 @@ callback that measures what a user waits for; and the guard that stops a run who
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -45,8 +46,20 @@ class CifarModule(L.LightningModule):
         channels_last: bool = False,
         test_flips: bool = False,
         test_shift: int = 0,
+        steps_per_epoch: Callable[[], int] | None = None,  # training batches per epoch (for the schedule's length)
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
     ):
         super().__init__()
+        # The module steps the optimizer itself, once per batch of each group of batches Lightning hands it
+        # (data.StepGroups): Lightning's per-batch Python is paid once per group, not once per step.
+        # trainer.global_step still counts optimizer steps (each LightningOptimizer.step() adds one).
+        self.automatic_optimization = False
+        self.steps_per_epoch = steps_per_epoch
+        self.accumulate, self.clip_val, self.clip_algorithm = (accumulate_grad_batches, gradient_clip_val,
+                                                               gradient_clip_algorithm)
+        self._batch_in_epoch = 0  # training batches seen this epoch, for accumulation
         self.model = model
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -65,37 +78,85 @@ class CifarModule(L.LightningModule):
         # The epoch's training predictions and labels, kept on the device and scored once when the epoch ends: a
         # torchmetrics update per step costs more host time than the step's own kernels on a GPU.
         self._train_predictions: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._step_loss: torch.Tensor | None = None  # the current training step's loss and learning rate, for the
-        self._step_lr = math.nan  # logging steps (Lightning's own outputs["loss"] is divided by accumulate_grad_batches)
         self.example_input_array = torch.zeros(2, 3, 32, 32)  # (B, C, H, W), for the graph and the summary
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # (B, 10) logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self.model(x.contiguous(memory_format=self.memory_format))
-        loss = self.criterion(logits, y)
-        self._train_predictions.append((logits.detach().argmax(1), y))  # (B,) each; one kernel, no sync
-        self._step_loss = loss.detach()
-        self._step_lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
-        return loss
+    def training_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], group_idx: int) -> dict[str, Any]:
+        """One optimizer step per (images, labels) batch of the group (fewer with accumulate_grad_batches).
 
-    def on_train_batch_end(self, outputs: dict[str, torch.Tensor], batch: Any, batch_idx: int) -> None:
-        # Only on the steps Lightning writes to the loggers (every log_every_n_steps, and a step where training is
-        # told to stop; the condition is Lightning's should_update_logs, whose _batches_that_stepped + 1 equals the
-        # global_step here): each self.log call costs about half a millisecond of Python, more than a whole training
-        # step of this model on a GPU. The loggers receive the same values at the same steps as if every step logged;
-        # trainer.callback_metrics["train/loss"] changes only on those steps.
+        Returns what the callbacks read: the last batch's loss, every batch's loss (n,) on the device, the
+        optimizer step each batch belongs to, and the learning rate each of those steps used.
+        """
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        last_group = group_idx + 1 == self.trainer.num_training_batches
+        max_steps = self.trainer.max_steps
+        losses, steps, lrs, stepped = [], [], [], []  # stepped: the batches that ended an optimizer step
+        for i, (x, y) in enumerate(batches):
+            if 0 <= max_steps <= self.trainer.global_step:
+                break  # max_steps falls inside this group: stop where Lightning would have
+            logits = self.model(x.contiguous(memory_format=self.memory_format))
+            loss = self.criterion(logits, y)
+            self._train_predictions.append((logits.detach().argmax(1), y))  # (B,) each; one kernel, no sync
+            self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
+            self._batch_in_epoch += 1
+            losses.append(loss.detach())
+            steps.append(self.trainer.global_step)
+            lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
+            # Lightning's rule: a step every accumulate_grad_batches batches, and at the epoch's last batch
+            if self._batch_in_epoch % self.accumulate == 0 or (last_group and i + 1 == len(batches)):
+                stepped.append(i)
+                optimizer.step()  # clips first (on_before_optimizer_step)
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+        # Lightning counts the calls to training_step in _batches_that_stepped (+1 after each) and logs with it as the
+        # step: self.log in validation, LearningRateMonitor, DeviceStatsMonitor. Keep it counting optimizer steps.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step - 1
+        if not losses:
+            return {}
+        step_losses = torch.stack(losses)  # (n,): one kernel
+        self._log_steps(step_losses, [(steps[i], i) for i in stepped], lrs)
+        return {"loss": losses[-1], "step_losses": step_losses, "steps": steps, "lrs": lrs,
+                "images": sum(len(y) for _, y in batches[: len(losses)])}
+
+    def _log_steps(self, losses: torch.Tensor, stepped: list[tuple[int, int]], lrs: list[float]) -> None:
+        """train/loss and train/lr of every log_every_n_steps-th optimizer step (and of the step where training is
+        told to stop), written straight to the loggers at that step: one read from the device per group that holds
+        such a step. stepped: (step, index of the batch that ended it) for the steps this group completed; with
+        accumulation, a step's values are its last batch's. (self.log would cost about half a millisecond of Python
+        per call, more than a training step of this model on a GPU.)"""
         every = self.trainer.log_every_n_steps
-        if not ((every and self.global_step % every == 0) or self.trainer.should_stop):
+        wanted = [(s, i) for s, i in stepped
+                  if (every and (s + 1) % every == 0) or (self.trainer.should_stop and (s, i) == stepped[-1])]
+        if not wanted:
             return
-        self.log("train/loss", self._step_loss, on_step=True, on_epoch=False)  # stays a tensor until written
-        # Read in training_step: by this hook the scheduler has already moved the rate on to the next step's.
-        self.log("train/lr", self._step_lr, on_step=True, on_epoch=False)
+        values = losses[[i for _, i in wanted]].tolist()  # the one host sync
+        for (s, i), loss in zip(wanted, values):
+            for lg in self.trainer.loggers:
+                lg.log_metrics({"train/loss": loss, "train/lr": lrs[i]}, step=s)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints of the versions that left the optimizer to Lightning count their steps in the automatic loop's
+        # progress; this module's global_step reads the manual loop's. Carry the count over, so that such a run
+        # resumes at its step. (Lightning calls this hook before it restores the loops from the same dict.)
+        loops = checkpoint.get("loops", {}).get("fit_loop", {})
+        manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+        automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+        if manual is not None and automatic and not manual["total"]["completed"] and automatic["total"]["completed"]:
+            loops["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(automatic)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Called by the precision plugin after mixed precision has unscaled the gradients and before it steps.
+        if self.clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_val,
+                                gradient_clip_algorithm=self.clip_algorithm)
 
     def on_train_epoch_start(self) -> None:
         self._train_predictions.clear()  # an epoch cut short (an exception, Ctrl-C) leaves nothing behind
+        self._batch_in_epoch = 0
 
     def on_train_epoch_end(self) -> None:
         if self._train_predictions:
@@ -175,8 +236,22 @@ class CifarModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(optimizer, self.total_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run: what the schedule spans. (Lightning's estimated_stepping_batches counts
+        the groups of batches Lightning hands out, not the steps taken from them.)"""
+        if self.steps_per_epoch is None:
+            return int(self.trainer.estimated_stepping_batches)
+        per_epoch = math.ceil(self.steps_per_epoch() / self.accumulate)
+        epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
+        total = per_epoch * epochs if epochs is not None and epochs >= 0 else math.inf
+        if max_steps is not None and max_steps >= 0:
+            total = min(total, max_steps)
+        if total == math.inf:
+            raise ValueError("trainer.max_epochs=-1 and trainer.max_steps=-1: the schedule needs a length")
+        return int(total)
 
 
 class EpochTimer(Callback):
@@ -204,7 +279,7 @@ class EpochTimer(Callback):
         self._start, self._end, self._images = self._now(pl_module), None, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += len(batch[1])
+        self._images += outputs.get("images", 0)  # a group of batches (data.StepGroups)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         # Validation runs inside the training epoch, before on_train_epoch_end: stop the clock here.
@@ -252,27 +327,28 @@ class Diverged(RuntimeError):
 class StopOnNonFiniteLoss(Callback):
     """Stops training at the first NaN/inf loss instead of training on NaN for hours.
 
-    Each step only keeps its loss tensor (no kernel, no host sync); every `check_every_n_steps` steps (default:
-    trainer.log_every_n_steps, when Lightning reads the loss anyway) and at the end of each epoch the kept losses are
-    checked in one operation, and the error names the first bad step and the learning rate it used.
+    Each group of steps the module trains on (steps_per_call) hands over its losses as one tensor on the device (no
+    host sync); after the group that holds a `check_every_n_steps`-th step (default: trainer.log_every_n_steps, when
+    the module reads a loss anyway) and at the end of each epoch the kept losses are checked in one operation, and
+    the error names the first bad step and the learning rate it used.
     """
 
     def __init__(self, check_every_n_steps: int | None = None):
         self.check_every = check_every_n_steps
-        self._losses: list[tuple[int, torch.Tensor]] = []  # (step, () loss on the device) since the last check
+        self._losses: list[tuple[list[int], torch.Tensor]] = []  # (steps, (n,) losses on the device) per group
         self._lrs: dict[int, float] = {}  # step -> learning rate, since the last check
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._losses.clear()  # left by an epoch that ended in an exception
         self._lrs.clear()
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step uses
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._losses.append((trainer.global_step - 1, loss.detach()))  # the optimizer step this loss came from
-        if trainer.global_step % (self.check_every or trainer.log_every_n_steps or 1) == 0:
+        if not outputs:
+            return
+        self._losses.append((outputs["steps"], outputs["step_losses"]))  # the optimizer step each loss came from
+        self._lrs.update(zip(outputs["steps"], outputs["lrs"]))
+        every = self.check_every or trainer.log_every_n_steps or 1
+        if trainer.global_step // every > outputs["steps"][0] // every:  # a check_every-th step was in the group
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -281,8 +357,8 @@ class StopOnNonFiniteLoss(Callback):
     def _check(self, trainer) -> None:
         if not self._losses:
             return
-        steps, losses = zip(*self._losses)
-        finite = torch.isfinite(torch.stack(losses))  # (n,) bool
+        steps = [s for group, _ in self._losses for s in group]
+        finite = torch.isfinite(torch.cat([losses for _, losses in self._losses]))  # (n,) bool
         if bool(finite.all()):  # the one host sync, on a step where Lightning reads the loss anyway
             self._losses.clear()
             self._lrs.clear()

@@ -186,10 +186,11 @@ ADDED_KEYS = {"test_checkpoint": "best"}
 
 
 def config_sha(cfg: DictConfig) -> str:
-    """What makes two jobs the same job: the resolved config, less the thread count, the resume request and keys added
-    later that are at their defaults (ADDED_KEYS)."""
+    """What makes two jobs the same job: the resolved config, less the thread count and steps_per_call (speed knobs
+    that change no number), the resume request and keys added later that are at their defaults (ADDED_KEYS)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("threads", None)
+    plain.pop("steps_per_call", None)
     plain.pop("resume", None)
     for key, default in ADDED_KEYS.items():
         if plain.get(key, default) == default:
@@ -289,6 +290,8 @@ def make_datamodule(cfg: DictConfig, arrays: data.CifarArrays) -> data.CifarData
         crop_padding=cfg.data.augment.crop_padding,
         seed=cfg.seed,
         channels_last=cfg.channels_last,
+        steps_per_call=cfg.get("steps_per_call", 1),
+        limit_train_batches=cfg.trainer.get("limit_train_batches"),
     )
 
 
@@ -321,6 +324,8 @@ def train(
     extra_callbacks: list[L.Callback] | None = None,  # measuring tools (scripts/), beside the configured ones
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    # Lightning compares its batch count with log_every_n_steps; its batches are groups of steps_per_call steps here
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
 
@@ -349,13 +354,19 @@ def train(
         model.compile()  # in place: the state_dict keys, and so the checkpoints, stay those of the plain model
     module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing,
                          channels_last=cfg.channels_last, test_flips=cfg.test_flips,
-                         test_shift=cfg.test_shift)
+                         test_shift=cfg.test_shift, steps_per_epoch=datamodule.train_batches,
+                         accumulate_grad_batches=cfg.trainer.get("accumulate_grad_batches", 1),
+                         gradient_clip_val=cfg.trainer.get("gradient_clip_val"),
+                         gradient_clip_algorithm=cfg.trainer.get("gradient_clip_algorithm") or "norm")
 
     loggers = [instantiate(node, save_dir=str(run_dir)) for node in cfg.logger.values() if node is not None]
     callbacks = [instantiate(node) for node in cfg.callbacks.values() if node is not None]
     callbacks += [*(extra_callbacks or []), checkpoint.ResumePoint(sha)]
+    # The module steps the optimizer itself (CifarModule.training_step): it accumulates, clips and counts the
+    # training batches per epoch, so Lightning's own settings for those stay off.
     trainer: L.Trainer = instantiate(cfg.trainer, precision=precision, logger=loggers, callbacks=callbacks,
-                                     default_root_dir=str(run_dir), plugins=[checkpoint.AtomicCheckpointIO()])
+                                     default_root_dir=str(run_dir), plugins=[checkpoint.AtomicCheckpointIO()],
+                                     accumulate_grad_batches=1, gradient_clip_val=None, limit_train_batches=None)
     if arrays.source == "synthetic" and ckpt_path is None:  # a resumed run labelled itself when it first started
         for lg in loggers:
             if hasattr(lg, "experiment") and hasattr(lg.experiment, "add_text"):
