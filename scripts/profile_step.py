@@ -55,13 +55,8 @@ class ProfileSteps(L.Callback):
         self.done = False
         self.steps = 0
 
-    @staticmethod
-    def _span(trainer, group_idx: int) -> range:
-        per_call = trainer.datamodule.steps_per_call
-        return range(group_idx * per_call, min((group_idx + 1) * per_call, trainer.datamodule.train_batches()))
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch == 1 and self.first in self._span(trainer, batch_idx) and not self.done:
+        if trainer.current_epoch == 1 and self.first in trainer.datamodule.group_batches(batch_idx) and not self.done:
             self.start, self.steps = benchmark.sync(self.device), 0
             self.prof = torch.profiler.profile(activities=self.activities)
             self.prof.__enter__()
@@ -69,7 +64,7 @@ class ProfileSteps(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.prof is None:
             return
-        span = self._span(trainer, batch_idx)
+        span = trainer.datamodule.group_batches(batch_idx)
         self.steps += len(span)
         if self.first + self.n - 1 in span:
             ms = (benchmark.sync(self.device) - self.start) * 1000 / self.steps

@@ -56,11 +56,10 @@ class TestAccuracyProbe(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Lightning hands the module groups of steps_per_call batches: probe after the group that passes a mark,
         # and say how far into the epoch that really is.
-        per_epoch, per_call = trainer.datamodule.train_batches(), trainer.datamodule.steps_per_call
-        done = min((batch_idx + 1) * per_call, per_epoch)  # batches of this epoch trained on so far
+        per_epoch, group = trainer.datamodule.train_batches(), trainer.datamodule.group_batches(batch_idx)
         marks = {round(per_epoch * k / self.probes_per_epoch) for k in range(1, self.probes_per_epoch + 1)}
-        if any(done - per_call < mark <= done for mark in marks):
-            self._probe(trainer, pl_module, trainer.current_epoch + done / per_epoch)
+        if any(mark - 1 in group for mark in marks):  # mark: a count of batches, the (mark - 1)-th the last of them
+            self._probe(trainer, pl_module, trainer.current_epoch + group.stop / per_epoch)
 
     def _probe(self, trainer, pl_module, epoch: float) -> None:
         now = benchmark.sync(pl_module.device)

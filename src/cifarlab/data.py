@@ -297,7 +297,7 @@ class DeviceBatches:
         rank: int = 0,
         world: int = 1,
         memory_format: torch.memory_format = torch.contiguous_format,  # of the training batches
-        limit: int | None = None,  # training: at most this many batches per epoch (trainer.limit_train_batches)
+        limit: int | float | None = None,  # training: trainer.limit_train_batches (a count, or a fraction of them)
     ):
         self.images, self.labels, self.batch_size, self.transform = images, labels, batch_size, transform
         self.train, self.seed, self.epoch, self.flip, self.crop_padding = train, seed, epoch, flip, crop_padding
@@ -307,8 +307,7 @@ class DeviceBatches:
     def __len__(self) -> int:
         if not self.train:
             return math.ceil(len(range(self.rank, len(self.labels), self.world)) / self.batch_size)
-        n = len(self.labels) // self.world // self.batch_size  # training drops the tail
-        return n if self.limit is None else min(n, self.limit)
+        return limited_batches(len(self.labels) // self.world // self.batch_size, self.limit)  # drops the tail
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         bs = self.batch_size
@@ -481,12 +480,15 @@ class CifarDataModule(L.LightningDataModule):
         """Training batches (optimizer steps without accumulation) per epoch on this process."""
         return len(self._train_batches())
 
+    def group_batches(self, group_idx: int) -> range:
+        """The epoch's training batches (their indices) in the group Lightning hands the module as batch group_idx."""
+        first = group_idx * self.steps_per_call
+        return range(first, min(first + self.steps_per_call, self.train_batches()))
+
     def train_dataloader(self) -> StepGroups:
         return StepGroups(self._train_batches(), self.steps_per_call)
 
     def _train_batches(self) -> DeviceBatches:
-        shard = self._shard()
-        per_epoch = len(self.train_y) // shard["world"] // self.batch_size
         return DeviceBatches(
             self.train_x,
             self.train_y,
@@ -498,8 +500,8 @@ class CifarDataModule(L.LightningDataModule):
             flip=self.flip,
             crop_padding=self.crop_padding,
             memory_format=self.memory_format,
-            limit=limited_batches(per_epoch, self.limit_train_batches),
-            **shard,
+            limit=self.limit_train_batches,
+            **self._shard(),
         )
 
     def val_dataloader(self) -> DeviceBatches:

@@ -95,7 +95,8 @@ class CifarModule(L.LightningModule):
         max_steps = self.trainer.max_steps
         losses, steps, lrs, stepped = [], [], [], []  # stepped: the batches that ended an optimizer step
         for i, (x, y) in enumerate(batches):
-            if 0 <= max_steps <= self.trainer.global_step:
+            step = self.trainer.global_step  # the optimizer step this batch belongs to
+            if 0 <= max_steps <= step:
                 break  # max_steps falls inside this group: stop where Lightning would have
             logits = self.model(x.contiguous(memory_format=self.memory_format))
             loss = self.criterion(logits, y)
@@ -103,7 +104,7 @@ class CifarModule(L.LightningModule):
             self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
             self._batch_in_epoch += 1
             losses.append(loss.detach())
-            steps.append(self.trainer.global_step)
+            steps.append(step)
             lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
             # Lightning's rule: a step every accumulate_grad_batches batches, and at the epoch's last batch
             if self._batch_in_epoch % self.accumulate == 0 or (last_group and i + 1 == len(batches)):
