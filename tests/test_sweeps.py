@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -193,6 +194,65 @@ def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path):
         if "train/loss" in acc.Tags()["scalars"]:
             losses += [e.step for e in acc.Scalars("train/loss")]
     assert sorted(losses) == list(range(6))  # each step once, not once per process
+
+
+# Test instrument for the DDP processes (found on PYTHONPATH at start-up, before any cifarlab code): counts each
+# process's gradient all-reduces, the backward passes that synced, and writes the count when the process exits.
+SYNC_COUNTER = """
+import atexit, json, os
+from pathlib import Path
+import torch.nn.parallel as par
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+count = {"syncs": 0}
+
+def hook(state, bucket):
+    count["syncs"] += bucket.is_last()
+    return default_hooks.allreduce_hook(None, bucket)
+
+init = par.DistributedDataParallel.__init__
+
+def counting_init(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    self.register_comm_hook(None, hook)
+    out = Path(os.environ["COUNT_SYNCS_DIR"], f"{os.getpid()}.json")
+    atexit.register(lambda: out.write_text(json.dumps(count)))
+
+par.DistributedDataParallel.__init__ = counting_init
+"""
+
+
+def test_ddp_accumulation_syncs_once_per_step_and_trains_as_one_process_on_the_whole_batch(tmp_path, monkeypatch):
+    from cifarlab import checkpoint
+
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "sitecustomize.py").write_text(SYNC_COUNTER)
+    (tmp_path / "syncs").mkdir()
+    # No augmentation and no BatchNorm (the default model): the two runs below see the same images per step and
+    # nothing in a step depends on how its batch is split. Plain SGD: its steps scale with the gradient (AdamW's
+    # hardly do), so a gradient summed or averaged wrongly over batches or processes shows in the weights.
+    same = ["data=synthetic", "data.n_train=2000", "data.n_test=100", "trainer.max_epochs=2", "callbacks=plain",
+            "data.augment.flip=false", "data.augment.crop_padding=0", "optimizer=sgd", "optimizer.lr=0.05", "threads=1"]
+    # 1800 training images; 2 processes x 64 images x 2 accumulated batches = one step on 256 images: each process
+    # takes every other image of the epoch's order, so a step sees the same 256 images as one process's batch of 256.
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "probe"))
+    monkeypatch.setenv("COUNT_SYNCS_DIR", str(tmp_path / "syncs"))
+    ddp = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=64",
+                  "+trainer.accumulate_grad_batches=2", "steps_per_call=3", *same,
+                  f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    monkeypatch.delenv("PYTHONPATH")
+    one = run_cli("data.batch_size=256", *same, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    steps = read_metrics(tmp_path / "ddp")["steps"]
+    assert steps == read_metrics(tmp_path / "one")["steps"] == 2 * (1800 // 256) == 14
+    syncs = [json.loads(f.read_text())["syncs"] for f in (tmp_path / "syncs").glob("*.json")]
+    assert syncs == [steps, steps]  # each process: one all-reduce per optimizer step, none for the 14 batches between
+    weights = {name: checkpoint.network_weights(checkpoint.read_checkpoint(
+        str(tmp_path / name / "checkpoints" / checkpoint.LAST), name), name) for name in ("ddp", "one")}
+    for key, value in weights["one"].items():
+        torch.testing.assert_close(weights["ddp"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_ddp_inside_a_sweep_is_refused_per_job(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 import statistics
 import time
 from typing import Any, Callable, Iterable
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -101,13 +103,15 @@ class CifarModule(L.LightningModule):
             logits = self.model(x.contiguous(memory_format=self.memory_format))
             loss = self.criterion(logits, y)
             self._train_predictions.append((logits.detach().argmax(1), y))  # (B,) each; one kernel, no sync
-            self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
             self._batch_in_epoch += 1
+            # Lightning's rule: a step every accumulate_grad_batches batches, and at the epoch's last batch
+            steps_now = self._batch_in_epoch % self.accumulate == 0 or (last_group and i + 1 == len(batches))
+            with nullcontext() if steps_now else self._no_gradient_sync():
+                self.manual_backward(loss / self.accumulate if self.accumulate > 1 else loss)
             losses.append(loss.detach())
             steps.append(step)
             lrs.append(optimizer.param_groups[0]["lr"])  # the rate this step uses
-            # Lightning's rule: a step every accumulate_grad_batches batches, and at the epoch's last batch
-            if self._batch_in_epoch % self.accumulate == 0 or (last_group and i + 1 == len(batches)):
+            if steps_now:
                 stepped.append(i)
                 optimizer.step()  # clips first (on_before_optimizer_step)
                 optimizer.zero_grad(set_to_none=True)
@@ -122,6 +126,13 @@ class CifarModule(L.LightningModule):
         self._log_steps(step_losses, [(steps[i], i) for i in stepped], lrs)
         return {"loss": losses[-1], "step_losses": step_losses, "steps": steps, "lrs": lrs,
                 "images": sum(len(y) for _, y in batches[: len(losses)])}
+
+    def _no_gradient_sync(self):
+        """Under DDP, for a batch that only accumulates: its backward keeps the gradients on this process
+        (DistributedDataParallel.no_sync), and the backward of the batch that steps averages their sum over the
+        processes, as Lightning's own accumulation does. One all-reduce per optimizer step, not per batch."""
+        strategy = self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
 
     def _log_steps(self, losses: torch.Tensor, stepped: list[tuple[int, int]], lrs: list[float]) -> None:
         """train/loss and train/lr of every log_every_n_steps-th optimizer step (and of the step where training is
