@@ -70,6 +70,14 @@ REFUSED = [
     (["test_checkpoint=median"], r"test_checkpoint='median': must be best \(the epoch with the highest val/acc\) or last"),
     (["steps_per_call=0"], r"steps_per_call=0: must be an int >= 1 \(training batches per Lightning call; 1 = one"),
     (["steps_per_call=many"], r"steps_per_call='many': must be an int >= 1"),
+    # A callback that acts on every training step would act once per group of steps_per_call batches
+    (["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging"],
+     r"callbacks.ema \(lightning.pytorch.callbacks.EMAWeightAveraging\) acts on every training step, but with "
+     r"steps_per_call=16: .* on_train_batch_end would run once per 16 optimizer steps; set steps_per_call=1"),
+    (["callbacks=plain", "+callbacks.model_checkpoint.every_n_train_steps=100", "steps_per_call=4"],
+     r"callbacks.model_checkpoint.every_n_train_steps=100 with steps_per_call=4: .*checkpoint per epoch"),
+    (["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"],
+     r"callbacks.lr.logging_interval=null with steps_per_call=16: .*set callbacks.lr.logging_interval=epoch"),
     (["+trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0: must be an int >= 1 \(batches per"),
     (["trainer.gradient_clip_val=-1"], r"trainer.gradient_clip_val=-1: must be null \(no clipping\) or a number >= 0"),
     (["+trainer.gradient_clip_algorithm=max"], r"trainer.gradient_clip_algorithm='max': must be norm \(the "),
@@ -99,6 +107,17 @@ def test_a_schedule_torch_cannot_build_is_refused_with_what_to_change():
 def test_valid_geometry_is_accepted():
     model = config.build_model(compose_config("model.pool.kernel_size=3", "model.pool.stride=3").model)
     assert model.feature_sizes == [(10, 10), (3, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "steps_per_call=1"],
+    ["+callbacks.model_checkpoint.every_n_train_steps=100", "steps_per_call=1"],
+    ["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor", "+callbacks.lr.logging_interval=epoch"],
+    ["+callbacks.timer._target_=lightning.pytorch.callbacks.Timer"],  # watches the clock: a group is fine
+    ["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging", "+callbacks.swa.swa_lrs=0.01"],
+])
+def test_callbacks_that_act_per_step_are_accepted_with_one_step_per_call_or_when_they_act_per_epoch(overrides):
+    config.check_recipe(compose_config(*overrides))  # raises ConfigError if refused
 
 
 def test_every_target_in_configs_is_allowed():

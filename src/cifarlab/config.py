@@ -14,6 +14,7 @@ import math
 from numbers import Real
 from typing import Any, Callable
 
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, Timer
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
@@ -291,6 +292,35 @@ def build_scheduler(node: DictConfig) -> Callable | None:
     return build
 
 
+def _check_per_batch_hooks(key: str, node: DictConfig, callback: Any, per_call: int) -> None:
+    """With steps_per_call > 1, Lightning hands out groups of batches, and a callback's on_train_batch_start/_end run
+    once per group: refuse a callback that acts on every training step (EMA, throughput, step-interval checkpoints),
+    which would silently act once per steps_per_call steps instead. Allowed: callbacks without those hooks, progress
+    bars and Timer (they only count or watch the clock), ModelCheckpoint without every_n_train_steps,
+    LearningRateMonitor per epoch, and cifarlab's callbacks that read every step from the group's outputs."""
+    if not isinstance(callback, type) or not issubclass(callback, Callback):
+        return
+    hooks = [h for h in ("on_train_batch_start", "on_train_batch_end")
+             if getattr(callback, h) is not getattr(Callback, h)]
+    fine = (not hooks or getattr(callback, "reads_every_step", False)
+            or issubclass(callback, (ProgressBar, Timer))
+            or (issubclass(callback, ModelCheckpoint) and not node.get("every_n_train_steps"))
+            or (issubclass(callback, LearningRateMonitor) and node.get("logging_interval") == "epoch"))
+    if fine:
+        return
+    rule = (f"steps_per_call={per_call}: Lightning hands out {per_call} training batches at a time, so "
+            f"{'/'.join(hooks)} would run once per {per_call} optimizer steps")
+    if issubclass(callback, ModelCheckpoint):
+        raise ConfigError(f"{key}.every_n_train_steps={_fmt(node.get('every_n_train_steps'))} with {rule}; "
+                          f"checkpoint per epoch (every_n_epochs), or set steps_per_call=1")
+    if issubclass(callback, LearningRateMonitor):
+        raise ConfigError(f"{key}.logging_interval={_fmt(node.get('logging_interval'))} with {rule}; set "
+                          f"{key}.logging_interval=epoch, or steps_per_call=1 (train/lr is logged every "
+                          f"log_every_n_steps steps without it)")
+    raise ConfigError(f"{key} ({node.get('_target_')}) acts on every training step, but with {rule}; set "
+                      f"steps_per_call=1 to use it (callbacks that act per epoch work with any steps_per_call)")
+
+
 def check_recipe(cfg: DictConfig) -> None:
     positive_ints = {
         "data.batch_size": cfg.data.batch_size,
@@ -347,7 +377,9 @@ def check_recipe(cfg: DictConfig) -> None:
                           "last (the weights training ended with)")
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None:
-            resolve_target(node.get("_target_"), f"callbacks.{name}")
+            callback = resolve_target(node.get("_target_"), f"callbacks.{name}")
+            if per_call > 1:
+                _check_per_batch_hooks(f"callbacks.{name}", node, callback, per_call)
     for name, node in (cfg.get("logger") or {}).items():
         if node is not None:
             resolve_target(node.get("_target_"), f"logger.{name}")

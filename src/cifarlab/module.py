@@ -273,6 +273,8 @@ class EpochTimer(Callback):
     median over epochs.
     """
 
+    reads_every_step = True  # it counts each group's images (config._check_per_batch_hooks)
+
     def __init__(self) -> None:
         self.epoch_s: list[float] = []
         self.img_per_s: list[float] = []
@@ -344,6 +346,8 @@ class StopOnNonFiniteLoss(Callback):
     the module reads a loss anyway) and at the end of each epoch the kept losses are checked in one operation, and
     the error names the first bad step and the learning rate it used.
     """
+
+    reads_every_step = True  # its batch hooks read each step of a group (config._check_per_batch_hooks)
 
     def __init__(self, check_every_n_steps: int | None = None):
         self.check_every = check_every_n_steps
