@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 import statistics
 import time
+from contextlib import nullcontext
 from typing import Any, Callable, Iterable
 
 import lightning as L
