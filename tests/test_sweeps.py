@@ -235,13 +235,13 @@ def test_ddp_accumulation_syncs_once_per_step_and_trains_as_one_process_on_the_w
             "data.augment.flip=false", "data.augment.crop_padding=0", "optimizer=sgd", "optimizer.lr=0.05", "threads=1"]
     # 1800 training images; 2 processes x 64 images x 2 accumulated batches = one step on 256 images: each process
     # takes every other image of the epoch's order, so a step sees the same 256 images as one process's batch of 256.
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "probe"))
-    monkeypatch.setenv("COUNT_SYNCS_DIR", str(tmp_path / "syncs"))
-    ddp = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=64",
-                  "+trainer.accumulate_grad_batches=2", "steps_per_call=3", *same,
-                  f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path, timeout=600)
+    with monkeypatch.context() as env:  # the instrument for the DDP run only, beside any PYTHONPATH already set
+        env.setenv("PYTHONPATH", str(tmp_path / "probe"), prepend=os.pathsep)
+        env.setenv("COUNT_SYNCS_DIR", str(tmp_path / "syncs"))
+        ddp = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=64",
+                      "+trainer.accumulate_grad_batches=2", "steps_per_call=3", *same,
+                      f"hydra.run.dir={tmp_path / 'ddp'}", cwd=tmp_path, timeout=600)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    monkeypatch.delenv("PYTHONPATH")
     one = run_cli("data.batch_size=256", *same, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
 
