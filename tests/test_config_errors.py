@@ -76,6 +76,10 @@ REFUSED = [
      r"steps_per_call=16: .* on_train_batch_end would run once per 16 optimizer steps; set steps_per_call=1"),
     (["callbacks=plain", "+callbacks.model_checkpoint.every_n_train_steps=100", "steps_per_call=4"],
      r"callbacks.model_checkpoint.every_n_train_steps=100 with steps_per_call=4: .*checkpoint per epoch"),
+    (["+callbacks.x._target_=lightning.pytorch.callbacks.LambdaCallback", "+callbacks.x.on_train_batch_end._target_="
+      "cifarlab.module.log_epoch_now", "+callbacks.x.on_train_batch_end._partial_=true"],
+     r"callbacks.x \(lightning.pytorch.callbacks.LambdaCallback\) acts on every training step, but with "
+     r"steps_per_call=16: .* on_train_batch_end would run once per 16 optimizer steps; set steps_per_call=1"),
     (["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"],
      r"callbacks.lr.logging_interval=null with steps_per_call=16: .*set callbacks.lr.logging_interval=epoch"),
     (["+trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0: must be an int >= 1 \(batches per"),
@@ -85,6 +89,11 @@ REFUSED = [
     (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0: must be null \(all\), a batch count >= 1"),
     (["model.pool._target_=os.system"], r"model.pool._target_='os.system': not an allowed target"),
     (["callbacks.epoch_timer._target_=subprocess.call"], r"callbacks.epoch_timer._target_='subprocess.call': not an allowed"),
+    # a nested _target_ is instantiated (called) by Hydra too, before any check of the object it builds
+    (["+callbacks.x._target_=lightning.pytorch.callbacks.LambdaCallback", "+callbacks.x.on_fit_start._target_="
+      "os.makedirs", "+callbacks.x.on_fit_start.name=pwned"],
+     r"callbacks.x.on_fit_start._target_='os.makedirs': not an allowed target \(allowed: torch.nn.\*, "),
+    (["+trainer.plugins._target_=subprocess.call"], r"trainer.plugins._target_='subprocess.call': not an allowed"),
 ]
 
 

@@ -313,28 +313,38 @@ class _AutomaticModule(CifarModule):
 def test_the_modules_own_stepping_is_lightnings_automatic_optimization(tmp_path):
     """The module steps the optimizer itself (so that one Lightning call can take many steps); with accumulation,
     clipping, the one-cycle schedule and an epoch whose batches do not divide by the accumulation, it must end with
-    the weights Lightning's automatic optimization trains from the same batches."""
+    the weights Lightning's automatic optimization trains from the same batches. So must the module built without
+    steps_per_epoch on a plain loader of (images, labels) batches, one per call; fitted on the datamodule, its
+    schedule must span the steps (the datamodule's train_batches), not the groups Lightning counts."""
     cfg = _synthetic_cfg(tmp_path, "trainer.max_epochs=2", "steps_per_call=4")
     weights = {}
-    for name in ("module", "automatic"):
+    for name in ("module", "module on the datamodule", "module on a plain loader", "automatic"):
         torch.manual_seed(0)
         dm = train.make_datamodule(cfg, train.load_data(cfg.data, cfg.data.split_seed))
         model = config.build_model(cfg.model).to(memory_format=torch.channels_last)
-        cls = CifarModule if name == "module" else _AutomaticModule
+        cls = _AutomaticModule if name == "automatic" else CifarModule
+        told = {"steps_per_epoch": dm.train_batches} if name in ("module", "automatic") else {}
         module = cls(model, config.build_optimizer(cfg.optimizer), config.build_scheduler(cfg.scheduler),
-                     label_smoothing=0.1, channels_last=True, steps_per_epoch=dm.train_batches,
-                     accumulate_grad_batches=3, gradient_clip_val=0.05)
-        lightning_own = {} if name == "module" else {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05}
+                     label_smoothing=0.1, channels_last=True, accumulate_grad_batches=3, gradient_clip_val=0.05,
+                     **told)
+        lightning_own = {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05} if name == "automatic" else {}
         trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             limit_val_batches=0, **lightning_own)
-        dm.setup("fit")
-        loader = dm.train_dataloader() if name == "module" else _Flat(dm.train_dataloader())
-        trainer.fit(module, train_dataloaders=loader)
+        if name == "module on the datamodule":
+            trainer.fit(module, datamodule=dm)
+        else:
+            dm.setup("fit")
+            groups = dm.train_dataloader()
+            trainer.fit(module, train_dataloaders=groups if name == "module" else _Flat(groups))
         assert trainer.global_step == 2 * 7  # 20 batches an epoch: 6 steps of 3 and one of 2
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        assert (scheduler.total_steps, scheduler.last_epoch) == (2 * 7, 2 * 7)  # spans the run, and ran all of it
         weights[name] = {k: v.clone() for k, v in model.state_dict().items()}
-    assert all(torch.allclose(weights["module"][k], weights["automatic"][k], rtol=1e-5, atol=1e-7)
-               for k in weights["automatic"])
+    # (fitted on the datamodule, the second epoch gets its own shuffle: other batches than the loader reused above)
+    for name in ("module", "module on a plain loader"):
+        assert all(torch.allclose(weights[name][k], weights["automatic"][k], rtol=1e-5, atol=1e-7)
+                   for k in weights["automatic"]), name
     assert not torch.equal(weights["module"]["stage1.conv.weight"],
                            config.build_model(cfg.model).state_dict()["stage1.conv.weight"])
 

@@ -300,8 +300,8 @@ def _check_per_batch_hooks(key: str, node: DictConfig, callback: Any, per_call: 
     LearningRateMonitor per epoch, and cifarlab's callbacks that read every step from the group's outputs."""
     if not isinstance(callback, type) or not issubclass(callback, Callback):
         return
-    hooks = [h for h in ("on_train_batch_start", "on_train_batch_end")
-             if getattr(callback, h) is not getattr(Callback, h)]
+    hooks = [h for h in ("on_train_batch_start", "on_train_batch_end")  # overridden, or given (LambdaCallback)
+             if getattr(callback, h) is not getattr(Callback, h) or node.get(h) is not None]
     fine = (not hooks or getattr(callback, "reads_every_step", False)
             or issubclass(callback, (ProgressBar, Timer))
             or (issubclass(callback, ModelCheckpoint) and not node.get("every_n_train_steps"))
@@ -384,6 +384,24 @@ def check_recipe(cfg: DictConfig) -> None:
         if node is not None:
             resolve_target(node.get("_target_"), f"logger.{name}")
     resolve_target(cfg.trainer.get("_target_"), "trainer")
+    _check_nested_targets(cfg)
+
+
+def _check_nested_targets(cfg: DictConfig) -> None:
+    """Every _target_ in the config, at any depth, must pass the allowlist: Hydra's instantiate builds nested ones
+    too (a LambdaCallback's hook given as {_target_: ...}, say), and would call them before training starts."""
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("_target_") is not None:  # null: no layer (model/activation=none, ...)
+                resolve_target(node["_target_"], path[1:])
+            for k, v in node.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def choices(cfg: DictConfig, option_names: dict[str, str] | None = None) -> dict[str, Any]:

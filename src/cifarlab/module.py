@@ -91,6 +91,8 @@ class CifarModule(L.LightningModule):
         Returns what the callbacks read: the last batch's loss, every batch's loss (n,) on the device, the
         optimizer step each batch belongs to, and the learning rate each of those steps used.
         """
+        if isinstance(batches[0], torch.Tensor):  # a plain loader's (images, labels): a group of one batch
+            batches = [tuple(batches)]
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         last_group = group_idx + 1 == self.trainer.num_training_batches
@@ -254,16 +256,26 @@ class CifarModule(L.LightningModule):
     def total_steps(self) -> int:
         """Optimizer steps in the whole run: what the schedule spans. (Lightning's estimated_stepping_batches counts
         the groups of batches Lightning hands out, not the steps taken from them.)"""
-        if self.steps_per_epoch is None:
-            return int(self.trainer.estimated_stepping_batches)
-        per_epoch = math.ceil(self.steps_per_epoch() / self.accumulate)
+        per_epoch = math.ceil(self._batches_per_epoch() / self.accumulate)
         epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
         total = per_epoch * epochs if epochs is not None and epochs >= 0 else math.inf
         if max_steps is not None and max_steps >= 0:
             total = min(total, max_steps)
         if total == math.inf:
-            raise ValueError("trainer.max_epochs=-1 and trainer.max_steps=-1: the schedule needs a length")
+            raise ValueError("the schedule needs a length: set trainer.max_epochs (with a training loader that has a "
+                             "length) or trainer.max_steps")
         return int(total)
+
+    def _batches_per_epoch(self) -> float:
+        """Training batches per epoch: steps_per_epoch if given, else the datamodule's train_batches() (it hands them
+        out in groups), else what Lightning counts in a plain loader (one batch per call; inf without a length)."""
+        if self.steps_per_epoch is not None:
+            return self.steps_per_epoch()
+        train_batches = getattr(self.trainer.datamodule, "train_batches", None)
+        if callable(train_batches):
+            return train_batches()
+        self.trainer.estimated_stepping_batches  # sets up the training loader, and with it num_training_batches
+        return self.trainer.num_training_batches
 
 
 class EpochTimer(Callback):
