@@ -150,6 +150,25 @@ def test_profile_step_profiles_cifarlab_and_the_bare_loop(tmp_path, subset_root)
     assert f"an epoch holds {per_epoch} steps at data.batch_size=256; 530 are needed" in too_many.stderr
 
 
+def test_profile_step_epoch_times_the_parts_of_an_epoch(tmp_path, subset_root):
+    """--epoch: a per-epoch cost (the lead-in before the first group, the gaps, the tail) against the bare loop's epoch
+    of as many steps; the parts add up to the epoch and the groups to its steps."""
+    result = _script("profile_step.py", "--epoch", "--data-root", str(subset_root), "callbacks=plain",
+                     "data.batch_size=64", "trainer.limit_train_batches=20", "trainer.limit_val_batches=1",
+                     "trainer.limit_test_batches=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    parts = re.findall(r"^  (lead-in|gap|tail|group \d+) +(\d+) steps +(\d+\.\d+) ms", out, re.M)
+    assert [(name, int(n)) for name, n, _ in parts] == [("lead-in", 0), ("group 0", 16), ("gap", 0), ("group 1", 4),
+                                                        ("tail", 0)]
+    total = re.search(r"cifarlab epoch 3, synced at every group edge: (\d+\.\d) ms for 20 steps", out)
+    assert total and float(total[1]) == pytest.approx(sum(float(ms) for _, _, ms in parts), abs=0.1)
+    assert re.search(r"cifarlab epoch 2 \(synced at its ends, as time/epoch_s\): \d+\.\d ms", out)
+    bare = re.search(r"bare epoch of 20 steps \(median of 3 after one of warm-up\): (\d+\.\d) ms", out)
+    assert bare and float(bare[1]) > 0
+    assert re.search(r"cifarlab / bare: \d\.\d{3} \(epoch 2\); steps alone \d\.\d{3}; fixed cost per epoch", out)
+
+
 def test_webp_parts_pack_and_unpack_give_back_the_same_images_labels_and_names(tmp_path, subset_root):
     """scripts/webp_parts.py: how cifar10-full travels to a GPU machine that takes 64 MiB a call. Lossless, or the
     accuracies measured there would be of other images."""
