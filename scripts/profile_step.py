@@ -85,15 +85,15 @@ class ProfileSteps(L.Callback):
 
 
 class EpochParts(L.Callback):
-    """Wall times of cifarlab's epoch 1 (synced at its two ends, as EpochTimer) and of the parts of epoch 2 (synced
-    at every group edge too): parts = [(name, steps, seconds), ...]."""
+    """Wall times of cifarlab's second epoch (current_epoch 1; synced at its two ends, as EpochTimer) and of the parts
+    of its third (current_epoch 2; synced at every group edge too): parts = [(name, steps, seconds), ...]."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.epoch1_s: float | None = None
         self.parts: list[tuple[str, int, float]] = []
         self._t: float | None = None
-        self._groups = 0
+        self._groups = 0  # groups trained this epoch
 
     def _mark(self, name: str, steps: int = 0) -> None:
         now = benchmark.sync(self.device)
@@ -101,6 +101,7 @@ class EpochParts(L.Callback):
         self._t = now
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._groups = 0
         if trainer.current_epoch in (1, 2):
             self._t = benchmark.sync(self.device)
 
@@ -109,11 +110,13 @@ class EpochParts(L.Callback):
             self._mark("lead-in" if batch_idx == 0 else "gap")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._groups += 1
         if trainer.current_epoch == 2:
             self._mark(f"group {batch_idx}", len(trainer.datamodule.group_batches(batch_idx)))
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._end(trainer)
+        if self._groups == trainer.num_training_batches:  # the epoch's end, not a val_check_interval inside it
+            self._end(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._end(trainer)  # without validation
@@ -160,7 +163,7 @@ def epoch_parts(cfg, arrays, device: torch.device) -> None:
     in_groups = sum(sec for name, _, sec in probe.parts if name.startswith("group"))
     print(f"bare epoch of {steps} steps (median of 3 after one of warm-up): {bare * 1000:.1f} ms "
           f"({bare * 1000 / steps:.3f} ms/step)")
-    print(f"cifarlab / bare: {bare / probe.epoch1_s:.3f} (epoch 2); steps alone {bare / in_groups:.3f}; "
+    print(f"speed cifarlab / bare: {bare / probe.epoch1_s:.3f} (epoch 2); steps alone {bare / in_groups:.3f}; "
           f"fixed cost per epoch (epoch 2 - bare): {(probe.epoch1_s - bare) * 1000:.1f} ms, of which lead-in, gaps "
           f"and tail {(total - in_groups) * 1000:.1f} ms in epoch 3")
 

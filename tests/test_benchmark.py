@@ -155,18 +155,22 @@ def test_profile_step_epoch_times_the_parts_of_an_epoch(tmp_path, subset_root):
     of as many steps; the parts add up to the epoch and the groups to its steps."""
     result = _script("profile_step.py", "--epoch", "--data-root", str(subset_root), "callbacks=plain",
                      "data.batch_size=64", "trainer.limit_train_batches=20", "trainer.limit_val_batches=1",
-                     "trainer.limit_test_batches=1", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+                     "trainer.limit_test_batches=1", "+trainer.val_check_interval=0.5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]  # validation after group 0 too: the epoch goes on
     out = result.stdout
     parts = re.findall(r"^  (lead-in|gap|tail|group \d+) +(\d+) steps +(\d+\.\d+) ms", out, re.M)
     assert [(name, int(n)) for name, n, _ in parts] == [("lead-in", 0), ("group 0", 16), ("gap", 0), ("group 1", 4),
                                                         ("tail", 0)]
     total = re.search(r"cifarlab epoch 3, synced at every group edge: (\d+\.\d) ms for 20 steps", out)
     assert total and float(total[1]) == pytest.approx(sum(float(ms) for _, _, ms in parts), abs=0.1)
-    assert re.search(r"cifarlab epoch 2 \(synced at its ends, as time/epoch_s\): \d+\.\d ms", out)
+    epoch = re.search(r"cifarlab epoch 2 \(synced at its ends, as time/epoch_s\): (\d+\.\d) ms", out)
     bare = re.search(r"bare epoch of 20 steps \(median of 3 after one of warm-up\): (\d+\.\d) ms", out)
-    assert bare and float(bare[1]) > 0
-    assert re.search(r"cifarlab / bare: \d\.\d{3} \(epoch 2\); steps alone \d\.\d{3}; fixed cost per epoch", out)
+    assert epoch and bare and float(bare[1]) > 0
+    ratio = re.search(r"speed cifarlab / bare: (\d+\.\d{3}) \(epoch 2\); steps alone (\d+\.\d{3}); fixed cost per "
+                      r"epoch \(epoch 2 - bare\): (-?\d+\.\d) ms", out)
+    assert ratio, out
+    assert float(ratio[1]) == pytest.approx(float(bare[1]) / float(epoch[1]), rel=0.01)  # a rate ratio: time inverted
+    assert float(ratio[3]) == pytest.approx(float(epoch[1]) - float(bare[1]), abs=0.2)
 
 
 def test_webp_parts_pack_and_unpack_give_back_the_same_images_labels_and_names(tmp_path, subset_root):

@@ -94,6 +94,11 @@ REFUSED = [
       "os.makedirs", "+callbacks.x.on_fit_start.name=pwned"],
      r"callbacks.x.on_fit_start._target_='os.makedirs': not an allowed target \(allowed: torch.nn.\*, "),
     (["+trainer.plugins._target_=subprocess.call"], r"trainer.plugins._target_='subprocess.call': not an allowed"),
+    (["+callbacks.x._target_=lightning.pytorch.callbacks.LambdaCallback",
+      "+callbacks.x.on_fit_start='${oc.create:{_target_:builtins.print,_args_:[pwned]}}'"],
+     r"callbacks.x.on_fit_start._target_='builtins.print': not an allowed target"),
+    (["+callbacks.x._target_=lightning.pytorch.callbacks.LambdaCallback", "+callbacks.x.on_fit_start='${nowhere}'"],
+     r"callbacks.x.on_fit_start: Interpolation key 'nowhere' not found"),
 ]
 
 

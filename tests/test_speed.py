@@ -349,6 +349,33 @@ def test_the_modules_own_stepping_is_lightnings_automatic_optimization(tmp_path)
                            config.build_model(cfg.model).state_dict()["stage1.conv.weight"])
 
 
+class _Endless(torch.utils.data.IterableDataset):
+    """(images, labels) batches with no end and no length."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def test_a_loader_without_a_length_trains_to_max_steps_on_a_schedule_of_max_steps():
+    cfg = compose_config()
+    module = CifarModule(config.build_model(cfg.model), config.build_optimizer(cfg.optimizer),
+                         config.build_scheduler(cfg.scheduler), accumulate_grad_batches=2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Endless(), batch_size=None))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert (trainer.global_step, scheduler.total_steps, scheduler.last_epoch) == (5, 5, 5)
+    module = CifarModule(config.build_model(cfg.model), config.build_optimizer(cfg.optimizer),
+                         config.build_scheduler(cfg.scheduler))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"the schedule needs a length: set trainer.max_epochs \(with a training "
+                                         r"loader that has a length\) or trainer.max_steps"):
+        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Endless(), batch_size=None))
+
+
 @pytest.mark.parametrize("limit,steps", [("5", 5), ("0.5", 10), ("null", 20)])
 def test_limit_train_batches_and_max_steps_count_batches_not_groups(tmp_path, limit, steps):
     """trainer.limit_train_batches counts training batches (a count, or a fraction of them) and max_steps counts

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, Timer
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from cifarlab.model import CifarNet, LayerFactory, pool_geometry, pooled_size
@@ -401,7 +402,11 @@ def _check_nested_targets(cfg: DictConfig) -> None:
             for i, v in enumerate(node):
                 walk(v, f"{path}[{i}]")
 
-    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    try:  # resolved: an interpolation (${oc.create:...}, say) can hold a _target_ as well
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', None) or 'the config'}: {str(e).splitlines()[0]}") from None
+    walk(resolved, "")
 
 
 def choices(cfg: DictConfig, option_names: dict[str, str] | None = None) -> dict[str, Any]:

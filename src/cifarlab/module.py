@@ -256,7 +256,8 @@ class CifarModule(L.LightningModule):
     def total_steps(self) -> int:
         """Optimizer steps in the whole run: what the schedule spans. (Lightning's estimated_stepping_batches counts
         the groups of batches Lightning hands out, not the steps taken from them.)"""
-        per_epoch = math.ceil(self._batches_per_epoch() / self.accumulate)
+        batches = self._batches_per_epoch()
+        per_epoch = math.ceil(batches / self.accumulate) if math.isfinite(batches) else math.inf
         epochs, max_steps = self.trainer.max_epochs, self.trainer.max_steps
         total = per_epoch * epochs if epochs is not None and epochs >= 0 else math.inf
         if max_steps is not None and max_steps >= 0:
