@@ -18,8 +18,8 @@ time/epoch_s times it (a device sync at its start and where validation begins), 
 group edge as well, split into the lead-in (Lightning's epoch start, the epoch's shuffle, and the augmented chunks
 of the first two groups: Lightning fetches one group ahead), each group of steps_per_call steps, the gaps between
 groups (Lightning's loop, the chunks of the group after next) and the tail (after the last group, up to
-validation). Then the bare loop's epoch: a shuffle and as
-many steps. The fixed cost per epoch is what cifarlab's epoch takes beyond its steps at the bare loop's rate.
+validation). Then the bare loop's epoch: a shuffle and as many steps. The fixed cost per epoch is what cifarlab's
+epoch takes beyond its steps at the bare loop's rate.
 """
 
 from __future__ import annotations
