@@ -120,6 +120,14 @@ class BareLoop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
+    def epoch(self, steps: int, batch_size: int) -> float:
+        """`steps` training steps over a fresh shuffle of the training set; their wall seconds (the shuffle untimed)."""
+        order = torch.randperm(len(self.train_y), device=self.device)
+        start = sync(self.device)
+        for b in range(steps):
+            self.step(order[b * batch_size : (b + 1) * batch_size])
+        return sync(self.device) - start
+
 
 def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None) -> dict:
     loop = BareLoop(cfg, arrays, device)
@@ -127,13 +135,7 @@ def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None
     n = len(loop.train_y)
     steps = n // bs if max_batches is None else min(max_batches, n // bs)
     reset_peak(device)
-    rates = []
-    for epoch in range(epochs):
-        order = torch.randperm(n, device=device)
-        start = sync(device)
-        for b in range(steps):
-            loop.step(order[b * bs : (b + 1) * bs])
-        rates.append(steps * bs / (sync(device) - start))
+    rates = [steps * bs / loop.epoch(steps, bs) for _ in range(epochs)]
     eval_bs = int(cfg.data.eval_batch_size)
     n_test = len(loop.test_y) if max_batches is None else min(len(loop.test_y), max_batches * eval_bs)
     test = [(loop.test_x[i : i + eval_bs], loop.test_y[i : i + eval_bs]) for i in range(0, n_test, eval_bs)]

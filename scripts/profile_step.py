@@ -18,8 +18,8 @@ time/epoch_s times it (a device sync at its start and where validation begins), 
 group edge as well, split into the lead-in (Lightning's epoch start, the epoch's shuffle, and the augmented chunks
 of the first two groups: Lightning fetches one group ahead), each group of steps_per_call steps, the gaps between
 groups (Lightning's loop, the chunks of the group after next) and the tail (after the last group, up to
-validation). Then the bare loop's epoch: a shuffle and as many steps. The fixed cost per epoch is what cifarlab's
-epoch takes beyond its steps at the bare loop's rate.
+validation). Then the bare loop's epoch of as many steps (its shuffle untimed, as in benchmark.py). The fixed cost
+per epoch is what cifarlab's epoch takes beyond its steps at the bare loop's rate.
 """
 
 from __future__ import annotations
@@ -150,16 +150,8 @@ def epoch_parts(cfg, arrays, device: torch.device) -> None:
 
     loop = benchmark.BareLoop(cfg, arrays, device)
     bs = int(cfg.data.batch_size)
-
-    def epoch() -> float:
-        start = benchmark.sync(device)
-        order = torch.randperm(len(arrays.train_y), device=device)
-        for b in range(steps):
-            loop.step(order[b * bs : (b + 1) * bs])
-        return benchmark.sync(device) - start
-
-    epoch()  # warm-up
-    bare = statistics.median(epoch() for _ in range(3))
+    loop.epoch(steps, bs)  # warm-up
+    bare = statistics.median(loop.epoch(steps, bs) for _ in range(3))
     in_groups = sum(sec for name, _, sec in probe.parts if name.startswith("group"))
     print(f"bare epoch of {steps} steps (median of 3 after one of warm-up): {bare * 1000:.1f} ms "
           f"({bare * 1000 / steps:.3f} ms/step)")
