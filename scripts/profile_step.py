@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cifarlab  # noqa: F401  first: its environment defaults must precede lightning's first tensor
 import lightning as L
 import torch
 

@@ -29,6 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cifarlab  # noqa: F401  first: its environment defaults must precede lightning's first tensor
 import lightning as L
 import torch
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifarlab import config, inspection, train
 from cifarlab.module import CifarModule
-from conftest import compose_config, read_metrics
+from conftest import REPO, compose_config, read_metrics
 
 
 def test_precision_auto_is_fp32_on_a_cpu_and_bf16_mixed_on_a_gpu_that_has_bf16(monkeypatch):
@@ -391,3 +394,36 @@ def test_limit_train_batches_and_max_steps_count_batches_not_groups(tmp_path, li
     assert train.train(capped, tmp_path / "b", extra_callbacks=[recorder])["steps"] == 7
     assert sorted(recorder.lr) == list(range(7))
     assert recorder.lr[6] < recorder.lr[0]  # the schedule was 7 steps long: the last step is near its floor
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+HUGE_PAGES_OF_A_256_MIB_TENSOR = r"""
+import sys
+sys.path.insert(0, {scripts!r})
+import {module}
+import torch
+x = torch.ones(64 * 2**20)  # 256 MiB
+print([l.split()[1] for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0])
+"""
+
+
+def huge_kib(module: str, **env: str) -> int:
+    """KiB of transparent huge pages in a fresh process that imports `module`, then allocates a 256 MiB tensor."""
+    code = HUGE_PAGES_OF_A_256_MIB_TENSOR.format(scripts=str(REPO / "scripts"), module=module)
+    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in (THP.read_text() if THP.exists() else ""),
+                    reason="this kernel gives no transparent huge pages")
+@pytest.mark.parametrize("module", ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"])
+def test_large_cpu_tensors_get_huge_pages_in_the_training_and_measuring_processes(module):
+    """Without huge pages each large CPU tensor (a batch's activations) faults in 4 KiB at a time, and the speed of a
+    step swings by a third with the process's allocation history (docs/performance.md). cifarlab asks torch for them
+    (THP_MEM_ALLOC_ENABLE); torch reads that at its first CPU tensor, which lightning's import already makes, so the
+    entry point and each measuring script must import cifarlab before lightning."""
+    assert huge_kib(module) >= 128 * 1024  # most of the 256 MiB
+    if "[madvise]" in THP.read_text():  # huge pages only where asked for: a user's own setting wins
+        assert huge_kib(module, THP_MEM_ALLOC_ENABLE="0") == 0
