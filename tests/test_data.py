@@ -177,18 +177,26 @@ def test_training_order_depends_on_seed_and_epoch_only():
     assert sorted(torch.cat(_batches(2)).tolist()) == list(range(64))  # each image once per epoch
 
 
-def test_crop_and_flip_move_pixels_but_keep_them():
+@pytest.mark.parametrize("pad", [1, 4, 16])  # 16: the largest data.augment.crop_padding allows
+def test_window_indices_give_the_reflect_padded_crop_then_its_mirror(pad):
+    """The training view of each image is picked by index from its uint8 pixels: it must be the window of the image
+    reflect-padded by F.pad at the drawn offset, mirrored where the coin says, whatever the offset and padding."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(8, 3, 32, 32)
-    cropped = data.crop(x, 4, *data.crop_offsets(8, 4, g))
-    padded = torch.nn.functional.pad(x, (4,) * 4, mode="reflect")
-    for i in range(8):  # every crop is one of the 81 windows of the padded image
-        windows = [padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
-        assert any(torch.equal(cropped[i], w) for w in windows)
-    flipped = data.flip_where(x, data.coin_flips(8, g))
-    for i in range(8):
-        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
-    assert not torch.equal(flipped, x) and not torch.equal(flipped, x.flip(3))
+    n = 64
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    dy, dx = data.crop_offsets(n, pad, g)
+    flip = data.coin_flips(n, g)
+    assert 0 < int(flip.sum()) < n and len(set(dy.flatten().tolist())) > 1
+    padded = torch.nn.functional.pad(x.float(), (pad,) * 4, mode="reflect")
+    for mirror in (flip, None):
+        rows, cols = data.window_indices(dy, dx, mirror, pad, 32, 32)
+        views = x[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        for i in range(n):
+            window = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
+            assert torch.equal(views[i].float(), window.flip(2) if mirror is not None and flip[i] else window), i
+    rows, cols = data.window_indices(None, None, flip, 0, 32, 32)  # no crop: the image or its mirror image
+    views = x[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    assert all(torch.equal(views[i], x[i].flip(2) if flip[i] else x[i]) for i in range(n))
 
 
 def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():

@@ -235,23 +235,31 @@ def crop_offsets(n: int, padding: int, g: torch.Generator) -> tuple[torch.Tensor
     return dy, dx
 
 
-def crop(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """The HxW window at offset (dy, dx) (B, 1) of each image of x (B, C, H, W), reflect-padded by `padding` px."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding,) * 4, mode="reflect")  # (B, C, H+2p, W+2p)
-    rows = (dy.to(x.device) + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (dx.to(x.device) + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
-    padded = padded.gather(2, rows.expand(-1, padded.shape[1], -1, padded.shape[3]))  # (B, C, H, W+2p)
-    return padded.gather(3, cols.expand(-1, padded.shape[1], h, -1))  # (B, C, H, W)
+def window_indices(
+    dy: torch.Tensor | None, dx: torch.Tensor | None, flip: torch.Tensor | None, padding: int, h: int, w: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source rows (B, H) and columns (B, W) of each image's augmented view: the HxW window at offset (dy, dx) (B, 1)
+    of the image reflect-padded by `padding` px (no crop where dy is None), mirrored left-right where flip (B,) is
+    True (no mirror where it is None). image[rows[:, :, None], cols[:, None, :]] is the view: pure indexing, so it is
+    the pad-crop-flip of earlier versions bit for bit, in one pass over uint8 pixels instead of five over floats."""
+    some = dy if dy is not None else flip
+    rows = torch.arange(h, device=some.device).expand(len(some), h)  # (B, H)
+    cols = torch.arange(w, device=some.device).expand(len(some), w)  # (B, W)
+    if flip is not None:  # mirroring the window: its column j is the window's column w - 1 - j
+        cols = torch.where(flip[:, None], w - 1 - cols, cols)
+    if dy is not None:  # window position -> padded position -> the source pixel the reflect padding copied there
+        rows, cols = _reflect(rows + (dy - padding), h), _reflect(cols + (dx - padding), w)
+    return rows, cols
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Positions i in [-(n - 1), 2(n - 1)] on an axis of n, mapped into [0, n) as mode="reflect" padding does."""
+    i = i.abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
 def coin_flips(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g, device=g.device) < 0.5  # (n,) bool
-
-
-def flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """x (B, C, H, W) with the images where flip (B,) is True mirrored left-right."""
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -350,13 +358,15 @@ class DeviceBatches:
                 dy.append(dy_b), dx.append(dx_b)
             if self.flip and self.flip != "alternate":
                 flips.append(coin_flips(self.batch_size, g))
-        x = self.images[idx].float().div_(255)  # (P, 3, 32, 32) in [0, 1]
-        if self.crop_padding:
-            x = crop(x, self.crop_padding, torch.cat(dy), torch.cat(dx))
-        if mirror is not None:
-            x = flip_where(x, mirror[idx])
-        elif flips:
-            x = flip_where(x, torch.cat(flips).to(x.device))
+        flip = mirror[idx] if mirror is not None else torch.cat(flips) if flips else None  # (P,) bool
+        if dy or flip is not None:
+            rows, cols = window_indices(torch.cat(dy) if dy else None, torch.cat(dx) if dx else None, flip,
+                                        self.crop_padding, *self.images.shape[2:])
+            x = self.images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, H, W, 3) uint8
+            x = x.permute(0, 3, 1, 2)  # (P, 3, H, W), channels_last in memory
+        else:
+            x = self.images[idx]  # (P, 3, H, W) uint8
+        x = x.float().div_(255)  # in [0, 1]
         return self.transform(x).contiguous(memory_format=self.memory_format)
 
 
