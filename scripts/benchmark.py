@@ -16,6 +16,8 @@ size so far, so it only grows), plus the ratios cifarlab / bare and cifarlab / t
 batches for a smoke test (tests run it; its speeds mean nothing). --compile adds bare+compile and cifarlab+compile
 (torch.compile, whose compile time falls in the warm-up epoch) and their ratios to the eager ones. Overrides after
 the options change the model and recipe of bare and cifarlab alike (`experiment=best`: the best recipe's model).
+--rounds N runs every method N times in alternating order, for a shared machine whose speed drifts over minutes: the
+rates are medians over all rounds, and each round's own ratios are reported beside them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cifarlab  # noqa: F401  first: its environment defaults must precede torch's first tensor
 import torch
 from torch import nn
 
@@ -238,12 +241,30 @@ def summarize(rates: list[float], eval_rate: float, device: torch.device, batch_
     }
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One method's summaries from several rounds as one: medians over every round's timed epochs (each round's first
+    epoch is its warm-up), the highest peak memory."""
+    if len(rounds) == 1:
+        return rounds[0]
+    timed = [r for x in rounds for r in (x["train_img_per_s_by_epoch"][1:] or x["train_img_per_s_by_epoch"])]
+    return {
+        "train_img_per_s": statistics.median(timed),
+        "train_img_per_s_by_epoch": [r for x in rounds for r in x["train_img_per_s_by_epoch"]],
+        "eval_img_per_s": statistics.median(x["eval_img_per_s"] for x in rounds),
+        "peak_mem_mib": max(x["peak_mem_mib"] for x in rounds),
+        "batch_size": rounds[0]["batch_size"],
+    }
+
+
 def table(result: dict) -> str:
     rows = ["| method | train img/s | eval img/s | peak memory MiB | batch |", "|---|---:|---:|---:|---:|"]
     for name, r in result["results"].items():
         rows.append(f"| {name} | {r['train_img_per_s']:,.0f} | {r['eval_img_per_s']:,.0f} | {r['peak_mem_mib']:,.0f} "
                     f"| {r['batch_size']} |")
-    ratios = ", ".join(f"{k} = {v:.3f}" for k, v in result["ratios"].items()) or "(no ratios among the methods run)"
+    by_round = result.get("ratios_by_round", {})
+    ratios = ", ".join(f"{k} = {v:.3f}" + (f" (rounds: {', '.join(f'{x:.3f}' for x in by_round[k])})" if k in by_round
+                                            else "") for k, v in result["ratios"].items())
+    ratios = ratios or "(no ratios among the methods run)"
     return "\n".join(rows) + f"\n\n{ratios}\n"
 
 
@@ -256,6 +277,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true",
                    help="also measure bare and cifarlab with compile=true (torch.compile), in the same process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every method this many times, in alternating order (bare, cifarlab, ... then back): on a "
+                        "shared machine, speed drifts over minutes; alternating rounds give each method the same drift. "
+                        "Rates are medians over all rounds' timed epochs (default 1)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {','.join(METHODS)} (default: all; the ratios need cifarlab and "
                         "the method it is divided by)")
@@ -265,6 +290,8 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         p.error(f"--methods {args.methods}: {', '.join(unknown) or 'empty'} unknown; choose from {', '.join(METHODS)}")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be 1 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     epochs, max_batches = (2, 3) if args.quick else (args.epochs, None)
@@ -283,17 +310,28 @@ def main() -> None:
         "cifarlab": lambda: cifarlab(overrides, epochs, max_batches, device),
         "tutorial": lambda: tutorial(args.data_root, device, epochs, max_batches),
     }
-    results = {name: run[name]() for name in METHODS if name in methods}
+    jobs = {name: run[name] for name in METHODS if name in methods}
     if args.compile:  # does torch.compile pay on this model? Its compile time falls in the warm-up epoch.
         compiled = [*overrides, "compile=true"]
         if "bare" in methods:
-            results["bare+compile"] = bare(compose(compiled), arrays, device, epochs, max_batches)
+            jobs["bare+compile"] = lambda: bare(compose(compiled), arrays, device, epochs, max_batches)
         if "cifarlab" in methods:
-            results["cifarlab+compile"] = cifarlab(compiled, epochs, max_batches, device)
+            jobs["cifarlab+compile"] = lambda: cifarlab(compiled, epochs, max_batches, device)
+    rounds: dict[str, list[dict]] = {name: [] for name in jobs}
+    order = [list(jobs) if r % 2 == 0 else list(jobs)[::-1] for r in range(args.rounds)]
+    for names in order:
+        for name in names:
+            rounds[name].append(jobs[name]())
+    results = {name: merge_rounds(rs) for name, rs in rounds.items()}
     rate = lambda name: results[name]["train_img_per_s"]  # noqa: E731
     ratios = {f"{a}/{b}": rate(a) / rate(b) for a, b in
               [("cifarlab", "bare"), ("cifarlab", "tutorial"), ("bare+compile", "bare"),
                ("cifarlab+compile", "cifarlab")] if a in results and b in results}
+    if args.rounds > 1:  # each round's own ratios: how far one round can be trusted on this machine
+        for name, r in results.items():
+            r["train_img_per_s_by_round"] = [round(x["train_img_per_s"], 1) for x in rounds[name]]
+        ratios_by_round = {k: [round(x["train_img_per_s"] / y["train_img_per_s"], 3)
+                               for x, y in zip(rounds[k.split("/")[0]], rounds[k.split("/")[1]])] for k in ratios}
     out = {
         "device": device_name(device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -301,6 +339,7 @@ def main() -> None:
         "torch": torch.__version__,
         "quick": args.quick,
         "epochs": epochs,
+        "rounds": args.rounds,
         "data_source": arrays.source,
         "precision": train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator)),
         "channels_last": bool(cfg.channels_last),
@@ -308,7 +347,10 @@ def main() -> None:
         "results": results,
         "ratios": ratios,
     }
-    print(f"\n{out['device']}, {out['data_source']}, {epochs} epochs each (first is warm-up), {out['precision']}, "
+    if args.rounds > 1:
+        out["ratios_by_round"], out["order"] = ratios_by_round, order
+    rounds_note = f" in each of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"\n{out['device']}, {out['data_source']}, {epochs} epochs each{rounds_note} (first is warm-up), {out['precision']}, "
           f"channels_last={out['channels_last']}, compile={out['compile']}\n")
     print(table(out))
     if args.out:

@@ -101,6 +101,27 @@ def test_benchmark_methods_runs_only_those_and_only_their_ratios(tmp_path, subse
     assert "| tutorial |" not in result.stdout and "cifarlab/bare = " in result.stdout
 
 
+def test_benchmark_rounds_alternate_the_methods_and_take_medians_over_all_of_them(tmp_path, subset_root):
+    out = tmp_path / "bench.json"
+    result = _script("benchmark.py", "--quick", "--rounds", "3", "--methods", "bare,cifarlab", "--data-root",
+                     str(subset_root), "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 3 and set(report["results"]) == {"bare", "cifarlab"}
+    for r in report["results"].values():
+        epochs = r["train_img_per_s_by_epoch"]
+        assert len(epochs) == 3 * report["epochs"] and len(r["train_img_per_s_by_round"]) == 3
+        timed = [e for i, e in enumerate(epochs) if i % report["epochs"]]  # each round's first epoch is warm-up
+        assert r["train_img_per_s"] == pytest.approx(sorted(timed)[1])  # the median of the 3 timed epochs
+    (by_round,) = report["ratios_by_round"].values()
+    bare, ours = (report["results"][m]["train_img_per_s_by_round"] for m in ("bare", "cifarlab"))
+    assert by_round == pytest.approx([c / b for c, b in zip(ours, bare)], rel=1e-3)
+    assert "in each of 3 rounds" in result.stdout and "(rounds: " in result.stdout
+    assert report["order"] == [["bare", "cifarlab"], ["cifarlab", "bare"], ["bare", "cifarlab"]]
+    bad = _script("benchmark.py", "--quick", "--rounds", "0", "--data-root", str(subset_root), cwd=tmp_path)
+    assert bad.returncode == 2 and "--rounds 0: must be 1 or more" in bad.stderr
+
+
 def test_benchmark_refuses_an_unknown_method_by_name(tmp_path, subset_root):
     result = _script("benchmark.py", "--methods", "bare,lightning", "--data-root", str(subset_root), cwd=tmp_path)
     assert result.returncode == 2
