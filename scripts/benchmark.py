@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -243,7 +244,8 @@ def summarize(rates: list[float], eval_rate: float, device: torch.device, batch_
 
 def merge_rounds(rounds: list[dict]) -> dict:
     """One method's summaries from several rounds as one: medians over every round's timed epochs (each round's first
-    epoch is its warm-up), the highest peak memory."""
+    epoch is its warm-up) and over the rounds' evaluation rates; the first round's peak memory (on a CPU the process's
+    high-water mark, which later rounds inherit from every method run before them)."""
     if len(rounds) == 1:
         return rounds[0]
     timed = [r for x in rounds for r in (x["train_img_per_s_by_epoch"][1:] or x["train_img_per_s_by_epoch"])]
@@ -251,7 +253,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
         "train_img_per_s": statistics.median(timed),
         "train_img_per_s_by_epoch": [r for x in rounds for r in x["train_img_per_s_by_epoch"]],
         "eval_img_per_s": statistics.median(x["eval_img_per_s"] for x in rounds),
-        "peak_mem_mib": max(x["peak_mem_mib"] for x in rounds),
+        "peak_mem_mib": rounds[0]["peak_mem_mib"],
         "batch_size": rounds[0]["batch_size"],
     }
 
@@ -343,6 +345,7 @@ def main() -> None:
         "data_source": arrays.source,
         "precision": train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator)),
         "channels_last": bool(cfg.channels_last),
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # huge CPU pages: cifarlab sets "1"
         "compile": bool(cfg.compile),
         "results": results,
         "ratios": ratios,

@@ -122,6 +122,26 @@ def test_benchmark_rounds_alternate_the_methods_and_take_medians_over_all_of_the
     assert bad.returncode == 2 and "--rounds 0: must be 1 or more" in bad.stderr
 
 
+def test_rounds_merge_into_medians_over_every_timed_epoch_and_the_first_rounds_peak():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark
+
+    def summary(epochs, eval_rate, peak):
+        return {"train_img_per_s": None, "train_img_per_s_by_epoch": epochs, "eval_img_per_s": eval_rate,
+                "peak_mem_mib": peak, "batch_size": 256}
+
+    merged = benchmark.merge_rounds([summary([900, 1, 2, 100], 5, 100), summary([900, 3, 4, 101], 7, 300),
+                                     summary([900, 5, 6, 102], 6, 200)])
+    # the median of the 9 timed epochs: not of the rounds' medians (2, 4, 6 -> 4), nor with the warm-ups (53)
+    assert merged["train_img_per_s"] == 5
+    assert merged["train_img_per_s_by_epoch"] == [900, 1, 2, 100, 900, 3, 4, 101, 900, 5, 6, 102]
+    assert merged["eval_img_per_s"] == 6 and merged["peak_mem_mib"] == 100 and merged["batch_size"] == 256
+    merged = benchmark.merge_rounds([summary([8], 1, 1), summary([2], 1, 1), summary([4], 1, 1)])  # --epochs 1
+    assert merged["train_img_per_s"] == 4  # a round of one epoch has no warm-up to drop
+    single = summary([1, 2, 3], 4, 5)
+    assert benchmark.merge_rounds([single]) is single
+
+
 def test_benchmark_refuses_an_unknown_method_by_name(tmp_path, subset_root):
     result = _script("benchmark.py", "--methods", "bare,lightning", "--data-root", str(subset_root), cwd=tmp_path)
     assert result.returncode == 2

@@ -306,9 +306,12 @@ def _per_batch_reference(images, labels, bs, norm, seed, epoch, flip, pad, rank=
         yield norm(x), labels[idx]
 
 
-@pytest.mark.parametrize("prep_images,flip,pad,rank", [(32, True, 2, 0), (4096, True, 4, 0), (32, False, 1, 1),
-                                                        (64, True, 0, 1)])
-def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatch, prep_images, flip, pad, rank):
+@pytest.mark.parametrize("prep_images,flip,pad,rank,fmt", [
+    (32, True, 2, 0, torch.contiguous_format), (4096, True, 4, 0, torch.channels_last),
+    (32, False, 1, 1, torch.contiguous_format), (64, True, 0, 1, torch.channels_last),
+    (64, True, 16, 0, torch.channels_last),  # the largest crop_padding the config allows
+])
+def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatch, prep_images, flip, pad, rank, fmt):
     """Augmenting several batches at once changes nothing: every batch, pixel for pixel, is what augmenting it on its
     own with its (seed, epoch, batch) generator gave, so runs of earlier versions replay exactly."""
     monkeypatch.setitem(data.PREP_IMAGES, "cpu", prep_images)
@@ -317,11 +320,11 @@ def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatc
     norm = Normalize(torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
     for epoch in (0, 3):
         got = list(DeviceBatches(images, torch.arange(n), bs, norm, train=True, seed=5, epoch=lambda: epoch, flip=flip,
-                                 crop_padding=pad, rank=rank, world=2))
+                                 crop_padding=pad, rank=rank, world=2, memory_format=fmt))
         expected = list(_per_batch_reference(images, torch.arange(n), bs, norm, 5, epoch, flip, pad, rank, 2))
         assert len(got) == len(expected) == (n // 2) // bs
         for (x, y), (x_ref, y_ref) in zip(got, expected):
-            assert torch.equal(y, y_ref) and torch.equal(x, x_ref)
+            assert torch.equal(y, y_ref) and torch.equal(x, x_ref) and x.is_contiguous(memory_format=fmt)
 
 
 def test_crop_offsets_do_not_follow_from_the_shuffle():

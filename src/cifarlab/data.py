@@ -240,9 +240,12 @@ def window_indices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Source rows (B, H) and columns (B, W) of each image's augmented view: the HxW window at offset (dy, dx) (B, 1)
     of the image reflect-padded by `padding` px (no crop where dy is None), mirrored left-right where flip (B,) is
-    True (no mirror where it is None). image[rows[:, :, None], cols[:, None, :]] is the view: pure indexing, so it is
-    the pad-crop-flip of earlier versions bit for bit, in one pass over uint8 pixels instead of five over floats."""
+    True (no mirror where it is None). images[i[:, None, None], :, rows[:, :, None], cols[:, None, :]] is the views of
+    images[i], as (B, H, W, C): pure indexing, so it is the pad-crop-flip of earlier versions bit for bit, in one pass
+    over uint8 pixels instead of five over floats."""
     some = dy if dy is not None else flip
+    if some is None:
+        raise ValueError("window_indices needs crop offsets, flips, or both")
     rows = torch.arange(h, device=some.device).expand(len(some), h)  # (B, H)
     cols = torch.arange(w, device=some.device).expand(len(some), w)  # (B, W)
     if flip is not None:  # mirroring the window: its column j is the window's column w - 1 - j
@@ -366,7 +369,8 @@ class DeviceBatches:
             x = x.permute(0, 3, 1, 2)  # (P, 3, H, W), channels_last in memory
         else:
             x = self.images[idx]  # (P, 3, H, W) uint8
-        x = x.float().div_(255)  # in [0, 1]
+        x = x.contiguous(memory_format=self.memory_format)  # uint8: a copy only where the layout differs
+        x = x.float().div_(255)  # in [0, 1], in that layout
         return self.transform(x).contiguous(memory_format=self.memory_format)
 
 
