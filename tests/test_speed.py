@@ -421,8 +421,8 @@ def huge_kib(module: str, **env: str) -> int:
                            "every process gets them, asked or not), so whether cifarlab asks cannot be seen")
 @pytest.mark.parametrize("module", ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"])
 def test_large_cpu_tensors_get_huge_pages_in_the_training_and_measuring_processes(module):
-    """Without huge pages each large CPU tensor (a batch's activations) faults in 4 KiB at a time, and the speed of a
-    step swings by a third with the process's allocation history (docs/performance.md). cifarlab asks torch for them
+    """Without huge pages each large CPU tensor (a batch's activations) faults in 4 KiB at a time, and a bare step ran
+    19 % slower (docs/performance.md). cifarlab asks torch for them
     (THP_MEM_ALLOC_ENABLE); torch reads that at its first CPU tensor, which lightning's import already makes, so the
     entry point and each measuring script must import cifarlab before lightning."""
     assert huge_kib(module) >= 128 * 1024  # most of the 256 MiB
