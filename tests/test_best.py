@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from cifarlab import config
 from cifarlab.model import count_parameters
@@ -21,6 +22,7 @@ ABLATED = {
     "no_norm": {"model.norm."},
     "no_activation": {"model.activation."},
     "relu": {"model.activation."},
+    "no_blur": {"model.pool.blur_size"},
     "pool2": {"model.pool.kernel_size", "model.pool.stride", "model.pool.padding"},
     "adamw": {"optimizer.", "scheduler.max_lr"},  # the one-cycle peak follows optimizer.lr
     "no_augment": {"data.augment.flip", "data.augment.crop_padding"},
@@ -67,6 +69,20 @@ def test_an_ablate_option_changes_only_its_own_ingredient(option):
     allowed = ABLATED[option]
     assert all(any(k == a or (a.endswith(".") and k.startswith(a)) for a in allowed) for k in changed), changed
     assert bool(changed) == bool(allowed)  # ablate=none is the recipe itself; every other option changes something
+
+
+def test_ablate_no_blur_is_the_recipe_with_plain_overlapping_max_pooling():
+    """blur_size 1 computes exactly MaxPool2d(3, 2, 1): the recipe before the blur, the row the blur is measured by."""
+    torch.manual_seed(0)
+    models = {name: config.build_model(compose_config("experiment=best", *extra).model).eval() for name, extra in {
+        "best": [], "no_blur": ["ablate=no_blur"],
+        "max": ["model/pool=max", "model.pool.kernel_size=3", "model.pool.stride=2", "model.pool.padding=1"]}.items()}
+    assert type(models["max"].stage1.pool) is nn.MaxPool2d
+    for model in models.values():
+        model.load_state_dict(models["best"].state_dict())  # one set of weights: the pooling has none
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(models["no_blur"](x), models["max"](x))
+    assert not torch.allclose(models["best"](x), models["max"](x), atol=1e-3)
 
 
 def test_ablate_adamw_uses_adamws_own_learning_rate_not_the_recipes_sgd_rate():

@@ -33,6 +33,17 @@ REFUSED = [
     (["model.pool.dilation=8", "model.pool.kernel_size=4"], r"model.pool.dilation=8.*stage1 32x32 -> 2x2; stage2 2x2 -> 0x0"),
     (["model.pool.padding=2"],
      r"model.pool.padding=2: pads 2 px on each side, more than half of model.pool.kernel_size=2 \(2 // 2 = 1\)"),
+    (["model/pool=blurmax", "model.pool.blur_size=0"],
+     r"model.pool.blur_size=0: must be an int in \[1, 7\] \(1 = no blur\)"),
+    (["model/pool=blurmax", "model.pool.blur_size=2.5"], r"model.pool.blur_size=2.5: must be an int in \[1, 7\]"),
+    (["model/pool=blurmax", "model.pool.padding=2"],
+     r"model.pool.padding=2: pads 2 px on each side, more than half of model.pool.kernel_size=3 \(3 // 2 = 1\)"),
+    # the message offers only what blurmax has: no dilation, no ceil_mode
+    (["model/pool=blurmax", "model.pool.kernel_size=6", "model.pool.stride=6", "model.pool.padding=0"],
+     r"^model.pool.kernel_size=6, model.pool.stride=6, model.pool.padding=0: pooling shrinks a feature map to "
+     r"nothing \(stage1 32x32 -> 5x5; stage2 5x5 -> 0x0\); use a smaller kernel_size/stride$"),
+    (["model/pool=blurmax", "+model.pool.dilation=2"],
+     r"model.pool \(cifarlab.model.BlurMaxPool2d\): .*unexpected keyword argument 'dilation'"),
     (["model/pool=avg", "model.pool.kernel_size=[3,2]", "model.pool.padding=[1,2]"],
      r"model.pool.padding=\[1,2\]: pads 2 px.*model.pool.kernel_size=\[3,2\] \(2 // 2 = 1\)"),
     (["model.pool.kernel_size=abc"], r"model.pool.kernel_size='abc': must be an int >= 1 or a pair"),
@@ -164,7 +175,7 @@ def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message
 
 @pytest.mark.parametrize("override,message", [
     ("model/pool=median", "error: model/pool=median: no such option (no configs/model/pool/median.yaml); choose one "
-                          "of: avg, lp, max"),
+                          "of: avg, blurmax, lp, max"),
     ("model.pool.kernel_sizee=3", "error: model.pool.kernel_sizee=3: no such key; did you mean "
                                   "model.pool.kernel_size? model.pool has: _target_, kernel_size, stride, padding"),
     ("trainer.max_epochz=3", "error: trainer.max_epochz=3: no such key; did you mean trainer.max_epochs?"),

@@ -241,18 +241,45 @@ def test_plain_callbacks_write_no_inspection(tmp_path):
     assert all(not acc.Tags()["graph"] and not acc.Tags()["histograms"] for acc in accumulators(run_dir))
 
 
-def test_avg_pooling_run_logs_avg_after_and_no_unpool(tmp_path):
-    run_dir = tmp_path / "avg"
-    result = run_cli("data=synthetic", "data.n_train=600", "trainer.max_epochs=1", "model/pool=avg",
+def synthetic_pooling_run(tmp_path: Path, pool: str) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """One epoch on made-up images with model/pool=<pool>; its logged images. Only max pooling has unpool views."""
+    run_dir = tmp_path / pool
+    result = run_cli("data=synthetic", "data.n_train=600", "trainer.max_epochs=1", f"model/pool={pool}",
                      "model/activation=relu", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     logged = images(run_dir)
     assert not any(t.endswith("/unpool") and t.startswith("pool/stage") for t in logged)
+    return logged
+
+
+def stage_maps(logged: dict, tag: str, size: int) -> torch.Tensor:
+    """The last logged grid of `tag`, cut into its (images, channels) maps of size x size px, un-zoomed: floats."""
     cb = compose_config().callbacks.pooling_images
-    b = tiles(logged["pool/stage2/before"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::2, ::2]
-    a = tiles(logged["pool/stage2/after"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::4, ::4]
-    recomputed = F.avg_pool2d(torch.from_numpy(b.astype(np.float32)), 2)
-    assert (recomputed - torch.from_numpy(a.astype(np.float32))).abs().max() <= 1  # rounding of the shown pixels
+    zoom = 32 // size
+    grey = tiles(logged[tag][-1][1], cb.maps_images, cb.channels)[..., 0]  # grey: R = G = B
+    return torch.from_numpy(grey[..., ::zoom, ::zoom].astype(np.float32))
+
+
+def test_avg_pooling_run_logs_avg_after_and_no_unpool(tmp_path):
+    logged = synthetic_pooling_run(tmp_path, "avg")
+    recomputed = F.avg_pool2d(stage_maps(logged, "pool/stage2/before", 16), 2)
+    assert (recomputed - stage_maps(logged, "pool/stage2/after", 8)).abs().max() <= 1  # rounding of the shown pixels
+
+
+def test_blurmax_run_logs_the_dense_max_map_and_its_blurred_samples(tmp_path):
+    """model/pool=blurmax: pool/stage{i}/dense_max is the stride-1 max of the logged 'before' tiles (exactly: max
+    commutes with the display scaling and rounding), and 'after' is its [1 2 1]^2 / 16 blur sampled every 2 px."""
+    logged = synthetic_pooling_run(tmp_path, "blurmax")
+    blur = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]])[None, None] / 16
+    for i, size in zip((1, 2, 3), (32, 16, 8)):
+        before = stage_maps(logged, f"pool/stage{i}/before", size)  # (K, C, size, size)
+        dense = stage_maps(logged, f"pool/stage{i}/dense_max", size)
+        after = stage_maps(logged, f"pool/stage{i}/after", size // 2).flatten(0, 1)[:, None]  # (K * C, 1, h, w)
+        assert torch.equal(F.max_pool2d(before, 3, 1, 1), dense), i
+        blurred = F.conv2d(F.pad(dense.flatten(0, 1)[:, None], (1, 1, 1, 1), mode="reflect"), blur, stride=2)
+        assert (blurred - after).abs().max() <= 1, i  # rounding of the shown pixels
+        assert (F.max_pool2d(before, 3, 2, 1).flatten(0, 1)[:, None] - after).abs().max() > 8, i  # not plain max
+    assert logged["pool/input/configured"]  # the configured pooling of the RGB images: 3 channels, not 32
 
 
 # ---------------------------------------------------------------------------------------------------------------

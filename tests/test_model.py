@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab import config
-from cifarlab.model import CifarNet, count_parameters, pool_output_size
+from cifarlab.model import BlurMaxPool2d, CifarNet, count_parameters, pool_output_size, pooled_size
 from conftest import compose_config, option_names
 
 
@@ -159,3 +159,60 @@ def test_pool_io_returns_what_the_stage_computes():
 def test_model_refuses_a_geometry_that_leaves_nothing():
     with pytest.raises(ValueError, match="stage 3 pools its feature map to 0x0"):
         CifarNet(pool_layer=lambda c: nn.MaxPool2d(4))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model/pool=blurmax: anti-aliased max pooling
+
+
+BLURMAX_GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 3, 1), (2, 1, 0), ((3, 2), (2, 1), (1, 0)), (5, 2, 2), (3, None, 0)]
+
+
+@pytest.mark.parametrize("blur_size", [1, 2, 3, 4, 5, 7])
+def test_blurmax_output_size_is_max_pooling_s_and_blur_size_1_is_max_pooling(blur_size):
+    torch.manual_seed(0)
+    for (k, s, p), size in itertools.product(BLURMAX_GEOMETRIES, [32, 16, 8, 7, 5, 4, 3, 2]):
+        pool = BlurMaxPool2d(k, s, p, blur_size)
+        reference = nn.MaxPool2d(k, s, p)
+        x = torch.randn(2, 5, size, size + 1)
+        if pooled_size(reference, tuple(x.shape[-2:]))[0] < 1:
+            continue  # no window fits
+        y = pool(x)
+        assert y.shape == reference(x).shape, (k, s, p, size)
+        assert tuple(y.shape[-2:]) == pooled_size(pool, tuple(x.shape[-2:]))  # what the config check computes
+        if blur_size == 1:
+            assert torch.equal(y, reference(x))
+
+
+def test_blurmax_is_a_binomial_blur_of_the_stride_1_max_map():
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 16, 16)
+    pool = BlurMaxPool2d(kernel_size=3, stride=2, padding=1, blur_size=3)
+    dense = F.pad(F.max_pool2d(x, 3, 1, 1), (1, 1, 1, 1), mode="reflect")  # (2, 32, 18, 18)
+    # output pixel (i, j): [1 2 1] x [1 2 1] / 16 around dense pixel (2i, 2j), written out by hand
+    weights = [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
+    expected = sum(weights[a][b] * dense[..., a : a + 16 : 2, b : b + 16 : 2] for a in range(3) for b in range(3)) / 16
+    torch.testing.assert_close(pool(x), expected)
+    torch.testing.assert_close(pool(torch.full((1, 3, 8, 8), 0.7)), torch.full((1, 3, 4, 4), 0.7))  # flat stays flat
+    assert torch.equal(pool(x.to(memory_format=torch.channels_last)), pool(x))
+    assert not list(pool.parameters()) and not pool.state_dict()  # nothing learned, nothing in checkpoints
+
+
+def test_blurmax_is_less_moved_by_a_one_pixel_shift_than_max_pooling():
+    """The point of the blur (Zhang 2019): shifting the input by 1 px changes the stride-2 pooled map less."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 34, 34)
+    change = {}
+    for name, pool in {"max": nn.MaxPool2d(3, 2, 1), "blurmax": BlurMaxPool2d(3, 2, 1, 3)}.items():
+        a, b = pool(x[..., 1:33, 1:33]), pool(x[..., 1:33, 2:34])  # the same image, one column apart
+        change[name] = ((a - b).norm() / a.norm()).item()
+    assert change["blurmax"] < 0.75 * change["max"], change
+
+
+def test_blurmax_in_the_model_keeps_the_parameters_and_the_flatten_size():
+    max_model = config.build_model(compose_config("experiment=best").model)
+    blur_model = config.build_model(compose_config("experiment=best", "model/pool=blurmax").model)
+    assert count_parameters(blur_model) == count_parameters(max_model)
+    assert blur_model.feature_sizes == max_model.feature_sizes == [(16, 16), (8, 8), (4, 4)]
+    assert blur_model.state_dict().keys() == max_model.state_dict().keys()  # checkpoints move between the two
+    assert isinstance(blur_model.stage1.pool, BlurMaxPool2d) and blur_model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

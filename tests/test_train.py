@@ -139,7 +139,7 @@ def test_synthetic_data_is_labelled_as_such_everywhere(tmp_path):
 
 def test_help_lists_every_group_and_cfg_prints_the_config(tmp_path):
     help_text = run_cli("--help", cwd=tmp_path, timeout=120).stdout
-    for line in ("model/pool: avg, lp, max", "model/norm: batchnorm, groupnorm, none", "experiment: best, tutorial"):
+    for line in ("model/pool: avg, blurmax, lp, max", "model/norm: batchnorm, groupnorm, none", "experiment: best, tutorial"):
         assert line in help_text
     assert f"ablate: {', '.join(option_names('ablate'))}" in help_text
     job = run_cli("--cfg", "job", "model/pool=avg", cwd=tmp_path, timeout=120).stdout

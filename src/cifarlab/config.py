@@ -111,6 +111,7 @@ ARG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ceil_mode": (lambda v: isinstance(v, bool), "true or false"),
     "count_include_pad": (lambda v: isinstance(v, bool), "true or false"),
     "divisor_override": (lambda v: v is None or (_is_int(v) and v >= 1), "null (= window size) or an int >= 1"),
+    "blur_size": (lambda v: _is_int(v) and 1 <= v <= 7, "an int in [1, 7] (1 = no blur)"),
     "norm_type": (lambda v: _number(v) and v > 0, "a number > 0"),
     "p": (lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]"),
     "negative_slope": (_number, "a number"),
@@ -188,11 +189,12 @@ def _check_pool_geometry(key: str, pool: nn.Module, model_cfg: DictConfig) -> No
         out = pooled_size(pool, conv)
         trail.append(f"stage{stage} {conv[0]}x{conv[1]} -> {max(out[0], 0)}x{max(out[1], 0)}")
         if min(out) < 1:
-            params = ", ".join(f"{key}.{n}={_fmt(getattr(pool, n))}" for n in
-                               ("kernel_size", "stride", "padding", "dilation", "ceil_mode") if hasattr(pool, n))
+            settable = [n for n in ("kernel_size", "stride", "padding", "dilation", "ceil_mode") if n in model_cfg.pool]
+            params = ", ".join(f"{key}.{n}={_fmt(getattr(pool, n))}" for n in settable)
+            smaller = "/".join(n for n in ("kernel_size", "stride", "dilation") if n in settable)
             raise ConfigError(
                 f"{params}: pooling shrinks a feature map to nothing ({'; '.join(trail)}); "
-                "use a smaller kernel_size/stride/dilation, or ceil_mode=true"
+                f"use a smaller {smaller}" + (", or ceil_mode=true" if "ceil_mode" in settable else "")
             )
         hw = out
 
@@ -212,7 +214,7 @@ def build_model(model_cfg: DictConfig) -> CifarNet:
             )
         factories[group], classes[group], args_of[group] = layer_factory(node, key)
     if factories["pool"] is None:
-        raise ConfigError("model.pool._target_=null: the network needs a pooling layer (max, avg or lp)")
+        raise ConfigError("model.pool._target_=null: the network needs a pooling layer (max, avg, lp or blurmax)")
 
     channels = [int(c) for c in model_cfg.channels]
     if not channels or min(channels) < 1:

@@ -25,7 +25,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchvision.utils import make_grid
 
-from cifarlab.model import pool_geometry
+from cifarlab.model import BlurMaxPool2d, pool_geometry
 
 GRID_PADDING = 2  # px of white between tiles; tests slice the grids with it
 WHITE = 255
@@ -120,6 +120,7 @@ class PoolingImages(Callback):
       pool/stage{i}/before    the feature maps pooling receives
       pool/stage{i}/after     what the model's pooling layer makes of them
       pool/stage{i}/unpool    (max pooling only) the MaxUnpool2d reconstruction of `after`
+      pool/stage{i}/dense_max (blurmax only) the max over every window at stride 1, which the blur then samples
     """
 
     def __init__(self, every_n_epochs: int = 1, per_class: int = 2, maps_images: int = 4, channels: int = 16,
@@ -179,6 +180,10 @@ class PoolingImages(Callback):
                     kept, indices = max_with_indices(stage.pool)(shown_before)
                     rebuilt = unpool(kept, indices, stage.pool, shown_before.shape)
                     writer.add_image(f"pool/stage{i}/unpool", channel_grid(to_uint8(rebuilt)), step)
+                if isinstance(stage.pool, BlurMaxPool2d):
+                    # the stride-1 max map the blur receives; max is monotone, so the before-map's scaling holds
+                    dense = stage.pool.dense_max(shown_before)
+                    writer.add_image(f"pool/stage{i}/dense_max", channel_grid(to_uint8(dense)), step)
         finally:
             model.train(was_training)
 

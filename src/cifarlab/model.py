@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Given the channel count of the feature map it will see, build a fresh layer.
@@ -36,7 +37,7 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 
 def pool_geometry(pool: nn.Module) -> dict[str, tuple[int, int] | bool]:
-    """kernel/stride/padding/dilation/ceil_mode of MaxPool2d, AvgPool2d or LPPool2d, as (H, W) pairs.
+    """kernel/stride/padding/dilation/ceil_mode of MaxPool2d, AvgPool2d, LPPool2d or BlurMaxPool2d, as (H, W) pairs.
 
     Read from the layer itself, so the numbers are the ones torch will use (stride=None means stride=kernel).
     """
@@ -57,6 +58,54 @@ def pooled_size(pool: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
         pool_output_size(hw[i], g["kernel_size"][i], g["stride"][i], g["padding"][i], g["dilation"][i], g["ceil_mode"])
         for i in range(2)
     )
+
+
+def binomial_filter(size: int) -> torch.Tensor:
+    """The size x size blur of anti-aliased pooling: the outer product of binomial row `size` (1; 1 1; 1 2 1;
+    1 3 3 1; ...), summing to 1, so a flat map stays flat."""
+    row = torch.tensor([math.comb(size - 1, i) for i in range(size)], dtype=torch.float32)
+    kernel = torch.outer(row, row)
+    return kernel / kernel.sum()  # (size, size)
+
+
+class BlurMaxPool2d(nn.Module):
+    """Anti-aliased max pooling (Zhang 2019, "Making convolutional networks shift-invariant again"): the max over
+    each kernel_size window at stride 1, then a fixed binomial blur of blur_size per channel, sampled at `stride`.
+
+    Max pooling at stride 2 keeps every other window's maximum, so a 1 px shift of the input changes which
+    maxima survive (aliasing); the blur low-passes the dense max map before it is subsampled. The output size is
+    exactly MaxPool2d(kernel_size, stride, padding)'s, and with blur_size=1 the output is MaxPool2d's itself.
+    No parameters: the blur is a fixed buffer, outside the state dict, applied to however many channels come in.
+    """
+
+    dilation = 1  # the geometry pool_geometry reads: the same windows as MaxPool2d(kernel_size, stride, padding)
+    ceil_mode = False
+
+    def __init__(self, kernel_size: int | Sequence[int] = 3, stride: int | Sequence[int] | None = 2,
+                 padding: int | Sequence[int] = 1, blur_size: int = 3):
+        super().__init__()
+        self.kernel_size, self.padding, self.blur_size = kernel_size, padding, blur_size
+        self.stride = stride if stride is not None else kernel_size
+        self.register_buffer("blur", binomial_filter(blur_size)[None, None], persistent=False)  # (1, 1, b, b)
+
+    def dense_max(self, x: torch.Tensor) -> torch.Tensor:
+        """The max over every window at stride 1, padded with -inf: (B, C, H + 2p - k + 1, W + 2p - k + 1)."""
+        return F.max_pool2d(x, self.kernel_size, 1, self.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dense_max(x)  # (B, C, H1, W1)
+        b = self.blur_size
+        if b > 1:
+            # pad (b-1)//2 before and b//2 after, so output pixel i is centred on dense pixel i * stride
+            pads = ((b - 1) // 2, b // 2, (b - 1) // 2, b // 2)  # (left, right, top, bottom)
+            mode = "reflect" if min(y.shape[-2:]) > max(pads) else "replicate"  # reflect needs more px than pad
+            y = F.pad(y, pads, mode=mode)
+        weight = self.blur.to(y.dtype).expand(y.shape[1], 1, b, b)  # one blur per channel
+        return F.conv2d(y, weight, stride=self.stride, groups=y.shape[1])  # (B, C, H', W')
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"blur_size={self.blur_size}")
 
 
 class Stage(nn.Sequential):
