@@ -93,13 +93,14 @@ class BlurMaxPool2d(nn.Module):
         return F.max_pool2d(x, self.kernel_size, 1, self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dense_max(x)  # (B, C, H1, W1)
         b = self.blur_size
-        if b > 1:
-            # pad (b-1)//2 before and b//2 after, so output pixel i is centred on dense pixel i * stride
-            pads = ((b - 1) // 2, b // 2, (b - 1) // 2, b // 2)  # (left, right, top, bottom)
-            mode = "reflect" if min(y.shape[-2:]) > max(pads) else "replicate"  # reflect needs more px than pad
-            y = F.pad(y, pads, mode=mode)
+        if b == 1:  # no blur: sampling the dense max every `stride` px is MaxPool2d, one op instead of two
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        y = self.dense_max(x)  # (B, C, H1, W1)
+        # pad (b-1)//2 before and b//2 after, so output pixel i is centred on dense pixel i * stride
+        pads = ((b - 1) // 2, b // 2, (b - 1) // 2, b // 2)  # (left, right, top, bottom)
+        mode = "reflect" if min(y.shape[-2:]) > max(pads) else "replicate"  # reflect needs more px than pad
+        y = F.pad(y, pads, mode=mode)
         weight = self.blur.to(y.dtype).expand(y.shape[1], 1, b, b)  # one blur per channel
         return F.conv2d(y, weight, stride=self.stride, groups=y.shape[1])  # (B, C, H', W')
 
