@@ -210,8 +210,9 @@ def test_blurmax_is_less_moved_by_a_one_pixel_shift_than_max_pooling():
 
 
 def test_blurmax_in_the_model_keeps_the_parameters_and_the_flatten_size():
-    max_model = config.build_model(compose_config("experiment=best").model)
-    blur_model = config.build_model(compose_config("experiment=best", "model/pool=blurmax").model)
+    max_model = config.build_model(compose_config("experiment=best", "model/pool=max").model)  # 3/2/1, from best
+    blur_model = config.build_model(compose_config("experiment=best").model)
+    assert type(max_model.stage1.pool) is nn.MaxPool2d
     assert count_parameters(blur_model) == count_parameters(max_model)
     assert blur_model.feature_sizes == max_model.feature_sizes == [(16, 16), (8, 8), (4, 4)]
     assert blur_model.state_dict().keys() == max_model.state_dict().keys()  # checkpoints move between the two
