@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from omegaconf import OmegaConf
 from cifarlab import config, train
 from cifarlab.checkpoint import CheckpointError
 from cifarlab.config import ConfigError
-from conftest import CONFIG_DIR, compose_config, run_cli
+from conftest import CONFIG_DIR, REPO, compose_config, run_cli
 
 
 def refusal(*overrides: str) -> str:
@@ -43,7 +45,17 @@ REFUSED = [
      r"^model.pool.kernel_size=6, model.pool.stride=6, model.pool.padding=0: pooling shrinks a feature map to "
      r"nothing \(stage1 32x32 -> 5x5; stage2 5x5 -> 0x0\); use a smaller kernel_size/stride$"),
     (["model/pool=blurmax", "+model.pool.dilation=2"],
-     r"model.pool \(cifarlab.model.BlurMaxPool2d\): .*unexpected keyword argument 'dilation'"),
+     r"^model.pool.dilation=2: cifarlab.model.BlurMaxPool2d has no dilation \(it takes kernel_size, stride, padding, "
+     r"blur_size\); remove it with ~model.pool.dilation"),
+    # the experiment's padding stays when the pool class changes; LPPool2d has none
+    (["experiment=best", "model/pool=lp"],
+     r"^model.pool.padding=1: torch.nn.LPPool2d has no padding \(it takes norm_type, kernel_size, stride, "
+     r"ceil_mode\); remove it with ~model.pool.padding \(values an experiment sets under model.pool stay when "
+     r"model/pool=<option> swaps the class\)$"),
+    (["model/activation=leaky_relu", "+model.activation.slope=0.2"],
+     r"^model.activation.slope=0.2: torch.nn.LeakyReLU has no slope \(it takes negative_slope, inplace\)"),
+    (["model/pool=lp", "~model.pool.norm_type"],
+     r"^model.pool: torch.nn.LPPool2d needs norm_type; set it with \+model.pool.norm_type=<value>$"),
     (["model/pool=avg", "model.pool.kernel_size=[3,2]", "model.pool.padding=[1,2]"],
      r"model.pool.padding=\[1,2\]: pads 2 px.*model.pool.kernel_size=\[3,2\] \(2 // 2 = 1\)"),
     (["model.pool.kernel_size=abc"], r"model.pool.kernel_size='abc': must be an int >= 1 or a pair"),
@@ -132,6 +144,14 @@ def test_a_schedule_torch_cannot_build_is_refused_with_what_to_change():
 def test_valid_geometry_is_accepted():
     model = config.build_model(compose_config("model.pool.kernel_size=3", "model.pool.stride=3").model)
     assert model.feature_sizes == [(10, 10), (3, 3), (1, 1)]
+
+
+def test_the_fix_the_message_names_works():
+    """The refusal of experiment=best model/pool=lp says to remove the padding; doing so builds LPPool2d(3, 2)."""
+    model = config.build_model(compose_config("experiment=best", "model/pool=lp", "~model.pool.padding").model)
+    pool = model.stage1.pool
+    assert isinstance(pool, torch.nn.LPPool2d) and (pool.kernel_size, pool.stride, pool.norm_type) == (3, 2, 2)
+    assert model.feature_sizes == [(15, 15), (7, 7), (3, 3)]  # no padding: (32 - 3) // 2 + 1 = 15
 
 
 @pytest.mark.parametrize("overrides", [
@@ -327,3 +347,13 @@ def test_cli_refuses_bad_checkpoints_and_folders_in_one_line(tmp_path, args, mes
     assert re.match(message, result.stderr), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_the_readme_quotes_the_messages_users_get():
+    """Each `$ cifarlab-train ...` / `error: ...` pair in README.md is what that command prints today."""
+    readme = (REPO / "README.md").read_text()
+    pairs = [(args, message) for args, message in re.findall(r"^\$ cifarlab-train (.+)\nerror: (.+)$", readme, re.M)
+             if not args.startswith(("init_from=", "resume="))]  # checkpoint refusals need files
+    assert len(pairs) >= 3, "README.md lost its examples of config refusals"
+    for args, message in pairs:
+        assert refusal(*shlex.split(args)) == message, args

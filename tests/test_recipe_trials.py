@@ -15,18 +15,18 @@ from conftest import REPO, read_metrics
 
 def test_runs_every_variant_and_seed_and_scores_both_checkpoints(tmp_path):
     out, runs = tmp_path / "trials.jsonl", tmp_path / "runs"
-    # made-up data, 2 epochs a run: seconds; at lr 0.05, since the recipe's 0.15, reached after a 19-step warm-up,
+    # made-up data, 2 short epochs a run: seconds; at lr 0.05, since the recipe's 0.15, reached after a short warm-up,
     # sent one seed's loss to NaN on these images
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "recipe_trials.py"), "--data-root", str(tmp_path), "--out", str(out),
          "--runs", str(runs), "--seeds", "0-1", "--jobs", "2", "--extra",
-         "data=synthetic trainer.max_epochs=2 optimizer.lr=0.05",
+         "data=synthetic data.n_train=1500 data.n_test=500 trainer.max_epochs=2 optimizer.lr=0.05",
          "base", "ckbest=test_checkpoint=best,label_smoothing=0.0"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted((r["name"], r["seed"]) for r in rows) == [("base", 0), ("base", 1), ("ckbest", 0), ("ckbest", 1)]
-    n_test = 1000  # data=synthetic's test set
+    n_test = 500  # data.n_test above
     for r in rows:
         assert r["rc"] == 0 and "error" not in r, r
         run_dir = runs / f"{r['name']}_s{r['seed']}"

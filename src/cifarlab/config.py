@@ -144,6 +144,32 @@ def _check_args(key: str, args: dict[str, Any]) -> None:
         )
 
 
+def _check_arg_names(key: str, target: str, cls: type, args: dict[str, Any]) -> None:
+    """Every argument must be one the class takes, and every one it needs must be there.
+
+    Choosing another option of a group (model/pool=lp) swaps the class but keeps the values an experiment set under
+    the same key (experiment=best sets model.pool.padding), so a name the new class lacks is a likely mistake.
+    """
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # no signature to read: instantiation reports what is wrong
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes = ", ".join(n for n in named if n not in ("device", "dtype"))
+    for name, value in args.items():
+        if name not in named:
+            raise ConfigError(
+                f"{key}.{name}={_fmt(value)}: {target} has no {name} (it takes {takes}); remove it with "
+                f"~{key}.{name} (values an experiment sets under {key} stay when "
+                f"{key.replace('.', '/')}=<option> swaps the class)"
+            )
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in args]
+    if missing:
+        raise ConfigError(f"{key}: {target} needs {', '.join(missing)}; set it with +{key}.{missing[0]}=<value>")
+
+
 def layer_factory(node: DictConfig, key: str) -> tuple[LayerFactory | None, type | None, dict[str, Any]]:
     """(factory, class, arguments) for one layer group; factory is None for a `none` choice.
 
@@ -155,6 +181,7 @@ def layer_factory(node: DictConfig, key: str) -> tuple[LayerFactory | None, type
     cls = resolve_target(target, key)
     args = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
     args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}  # [h, w] -> (h, w)
+    _check_arg_names(key, target, cls, args)
     _check_args(key, args)
 
     def build(channels: int) -> nn.Module:
