@@ -199,6 +199,10 @@ def test_window_indices_give_the_reflect_padded_crop_then_its_mirror(pad):
     assert all(torch.equal(views[i], x[i].flip(2) if flip[i] else x[i]) for i in range(n))
 
 
+# The transform DeviceBatches takes turns uint8 batches into floats; this one only scales them to [0, 1] (ToTensor).
+TO_UNIT = Normalize(torch.zeros(3), torch.ones(3))
+
+
 def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
     """flip=alternate: a seeded random half in epoch 0, the other half in epoch 1, the first half again in epoch 2."""
     n = 64
@@ -206,7 +210,7 @@ def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
     epoch = {"now": 0}
 
     def mirrored(seed: int) -> torch.Tensor:  # (n,) bool: which images this epoch's batches hold mirrored
-        it = DeviceBatches(images, torch.arange(n), 16, lambda x: x, train=True, seed=seed, flip="alternate",
+        it = DeviceBatches(images, torch.arange(n), 16, TO_UNIT, train=True, seed=seed, flip="alternate",
                            epoch=lambda: epoch["now"])
         out = torch.zeros(n, dtype=torch.bool)
         seen = []
@@ -236,7 +240,7 @@ def test_alternating_flip_is_the_same_per_image_when_ranks_share_the_epoch():
         expected = data.alternating_flips(n, seed=3, epoch=epoch)
         seen = []
         for rank in (0, 1):
-            it = DeviceBatches(images, torch.arange(n), 8, lambda x: x, train=True, seed=3, flip="alternate",
+            it = DeviceBatches(images, torch.arange(n), 8, TO_UNIT, train=True, seed=3, flip="alternate",
                                epoch=lambda: epoch, rank=rank, world=2)
             for x, y in it:
                 for img, i in zip(x, y.tolist()):
@@ -338,7 +342,7 @@ def test_crop_offsets_do_not_follow_from_the_shuffle():
     rows = torch.arange(32, dtype=torch.uint8).mul(8).view(1, 1, 32, 1)  # row r holds 8r
     images = rows.expand(n, 3, 32, 32).contiguous()
     for seed, epoch in ((3, 0), (0, 1)):
-        it = DeviceBatches(images, torch.arange(n), 100, lambda x: x, train=True, seed=seed, crop_padding=pad,
+        it = DeviceBatches(images, torch.arange(n), 100, TO_UNIT, train=True, seed=seed, crop_padding=pad,
                            epoch=lambda: epoch)
         x, y = (torch.cat(t) for t in zip(*it))
         dy = (x[:, 0, 1, 0] * 255 / 8).round().long()  # output row 1 is input row dy (0, 1 or 2)
