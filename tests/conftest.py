@@ -23,19 +23,11 @@ CLI = Path(sys.executable).parent / "cifarlab-train"
 # worker, so a module's fixture (a training run read many ways) is made once. Most tests wait on a subprocess
 # starting Lightning or on file I/O, so two workers on a 2-core machine take about two thirds of the time of one.
 MAX_WORKERS = 4  # each worker may train with torch's threads; more would only fight over the cores
-# Files that take minutes go out first, so the last file to start is a short one and no worker idles at the end.
-SLOW_FIRST = ("test_resume.py", "test_sweeps.py", "test_benchmark.py", "test_score_slices.py",
-              "test_recipe_trials.py", "test_inspection.py")
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(MAX_WORKERS, cores))
-
-
-def pytest_collection_modifyitems(items) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order
 
 
 def compose_config(*overrides: str) -> DictConfig:
