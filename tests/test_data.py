@@ -322,13 +322,26 @@ def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatc
     n, bs = 200, 16
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     norm = Normalize(torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
-    for epoch in (0, 3):
-        got = list(DeviceBatches(images, torch.arange(n), bs, norm, train=True, seed=5, epoch=lambda: epoch, flip=flip,
-                                 crop_padding=pad, rank=rank, world=2, memory_format=fmt))
+    # The images stored either way round in memory: CifarDataModule keeps its training split channels_last.
+    for epoch, stored in ((0, torch.contiguous_format), (3, torch.contiguous_format), (3, torch.channels_last)):
+        got = list(DeviceBatches(images.contiguous(memory_format=stored), torch.arange(n), bs, norm, train=True,
+                                 seed=5, epoch=lambda: epoch, flip=flip, crop_padding=pad, rank=rank, world=2,
+                                 memory_format=fmt))
         expected = list(_per_batch_reference(images, torch.arange(n), bs, norm, 5, epoch, flip, pad, rank, 2))
         assert len(got) == len(expected) == (n // 2) // bs
         for (x, y), (x_ref, y_ref) in zip(got, expected):
             assert torch.equal(y, y_ref) and torch.equal(x, x_ref) and x.is_contiguous(memory_format=fmt)
+
+
+def test_training_views_are_cut_from_the_training_split_without_a_copy_of_it():
+    """The training split is kept channels_last, so the (N, H, W, C) pixel rows the views are cut from are the split
+    itself, not a second copy of it in device memory."""
+    dm = data.CifarDataModule(data.make_synthetic(300, 10, noise=0.5, seed=0), n_val=50, split_seed=0, batch_size=32,
+                              eval_batch_size=64, normalize=True, flip="alternate", crop_padding=4, seed=0)
+    batches = dm._train_batches()
+    assert dm.train_x.is_contiguous(memory_format=torch.channels_last)
+    assert batches.rows.data_ptr() == dm.train_x.data_ptr() and batches.rows.shape == (250, 32, 32, 3)
+    assert DeviceBatches(dm.val_x, dm.val_y, 64, dm.normalizer).rows is None  # evaluation cuts no views
 
 
 def test_crop_offsets_do_not_follow_from_the_shuffle():

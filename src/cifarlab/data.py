@@ -314,6 +314,9 @@ class DeviceBatches:
         self.train, self.seed, self.epoch, self.flip, self.crop_padding = train, seed, epoch, flip, crop_padding
         self.rank, self.world = rank, world  # under DDP each process takes every world-th image from rank on
         self.memory_format, self.limit = memory_format, limit
+        # The pixels as (N, H, W, C) rows, from which training views are cut: no copy where images are channels_last
+        # in memory, as CifarDataModule keeps its training split.
+        self.rows = images.permute(0, 2, 3, 1).contiguous() if train and (flip or crop_padding) else None
 
     def __len__(self) -> int:
         if not self.train:
@@ -363,10 +366,14 @@ class DeviceBatches:
                 flips.append(coin_flips(self.batch_size, g))
         flip = mirror[idx] if mirror is not None else torch.cat(flips) if flips else None  # (P,) bool
         if dy or flip is not None:
+            n, h, w, c = self.rows.shape
             rows, cols = window_indices(torch.cat(dy) if dy else None, torch.cat(dx) if dx else None, flip,
-                                        self.crop_padding, *self.images.shape[2:])
-            x = self.images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, H, W, 3) uint8
-            x = x.permute(0, 3, 1, 2)  # (P, 3, H, W), channels_last in memory
+                                        self.crop_padding, h, w)
+            # Each view's rows as whole (W*C)-byte lines, then its columns within them: two plain gathers take a
+            # quarter of the time of one 4-index advanced indexing (3.5 against 13 ms per 1,024 images, 2-core Xeon).
+            x = self.rows.view(n * h, w * c).index_select(0, (idx[:, None] * h + rows).flatten()).view(-1, h, w, c)
+            x = x.gather(2, cols[:, None, :, None].expand(-1, h, w, c))  # (P, H, W, C) uint8
+            x = x.permute(0, 3, 1, 2)  # (P, C, H, W), channels_last in memory
         else:
             x = self.images[idx]  # (P, 3, H, W) uint8
         x = x.contiguous(memory_format=self.memory_format)  # uint8: a copy only where the layout differs
@@ -459,7 +466,9 @@ class CifarDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.flip, self.crop_padding = flip, crop_padding
         train_idx, val_idx = split_indices(len(arrays.train_y), n_val, split_seed)
-        self.train_x, self.train_y = arrays.train_x[train_idx], arrays.train_y[train_idx]
+        # channels_last: the training views are cut from whole pixel rows (DeviceBatches.rows) without a copy
+        self.train_x = arrays.train_x[train_idx].contiguous(memory_format=torch.channels_last)
+        self.train_y = arrays.train_y[train_idx]
         self.val_x, self.val_y = arrays.train_x[val_idx], arrays.train_y[val_idx]
         self.test_x, self.test_y = arrays.test_x, arrays.test_y
         if normalize:  # statistics of the training split itself, so stand-in or synthetic data is centred too
