@@ -340,8 +340,8 @@ def test_training_views_are_cut_from_the_training_split_without_a_copy_of_it():
                               eval_batch_size=64, normalize=True, flip="alternate", crop_padding=4, seed=0)
     batches = dm._train_batches()
     assert dm.train_x.is_contiguous(memory_format=torch.channels_last)
-    assert batches.rows.data_ptr() == dm.train_x.data_ptr() and batches.rows.shape == (250, 32, 32, 3)
-    assert DeviceBatches(dm.val_x, dm.val_y, 64, dm.normalizer).rows is None  # evaluation cuts no views
+    assert batches.pixel_rows.data_ptr() == dm.train_x.data_ptr() and batches.pixel_rows.shape == (250, 32, 32, 3)
+    assert DeviceBatches(dm.val_x, dm.val_y, 64, dm.normalizer).pixel_rows is None  # evaluation cuts no views
 
 
 def test_crop_offsets_do_not_follow_from_the_shuffle():
