@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import glob
+import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarlab import config, data
+from cifarlab import config, data, train
 from cifarlab.model import count_parameters
 from conftest import compose_config, option_names, read_metrics, run_cli
 
@@ -117,6 +119,40 @@ def test_same_config_and_seed_give_the_same_metrics(tmp_path, subset_root):
         runs.append(read_metrics(tmp_path / name))
     for key in ("test_acc", "test_loss", "best_val_acc"):
         assert runs[0][key] == runs[1][key], key
+
+
+def test_every_function_torch_hands_to_mkl_vml_is_resolved_before_training():
+    """train.VML_OPS must name each function of the torch installed: one left out could still race on its first call
+    (train.resolve_vml_kernels says why)."""
+    header = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
+    if not header.is_file():
+        pytest.skip(f"{header} not installed: no list of torch's VML functions to check against")
+    if not torch.backends.mkl.is_available():
+        pytest.skip("this torch is built without MKL: no VML functions")
+    routed = set(re.findall(r"^IMPLEMENT_VML_MKL\((\w+),", header.read_text(), flags=re.MULTILINE))
+    assert "sqrt" in routed  # the one AdamW calls: the list was read
+    assert routed == set(train.VML_OPS), (sorted(routed - set(train.VML_OPS)), sorted(set(train.VML_OPS) - routed))
+    for op in train.VML_OPS:
+        assert callable(getattr(torch, op)), op
+
+
+class FirstStep(L.Callback):
+    def __init__(self, calls: list[str]):
+        self.calls = calls
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.calls.append("optimizer step")
+
+
+def test_vml_kernels_are_resolved_before_the_first_optimizer_step(tmp_path, monkeypatch):
+    calls = []
+    resolve = train.resolve_vml_kernels
+    monkeypatch.setattr(train, "resolve_vml_kernels", lambda: (calls.append("resolved"), resolve())[1])
+    cfg = train.settle(compose_config("data=synthetic", "data.n_train=600", "data.n_test=100", "data.val_size=100",
+                                      "trainer.max_epochs=1", "trainer.limit_train_batches=2", "callbacks=plain",
+                                      "threads=1"))
+    train.train(cfg, tmp_path, extra_callbacks=[FirstStep(calls)])
+    assert calls[:2] == ["resolved", "optimizer step"] and calls.count("resolved") == 1, calls
 
 
 def test_synthetic_data_is_labelled_as_such_everywhere(tmp_path):

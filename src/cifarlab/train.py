@@ -57,6 +57,10 @@ RUNNING = ".running"  # held while a run uses its folder (created exclusively), 
 FAILED = "failed.json"  # a sweep job that raised: its error, so the sweep goes on and the report can say why
 SAVED_CONFIG = "config.yaml"  # the resolved config, written when the run starts; what resume= continues with
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+# The float unary ops ATen hands to MKL's vector math library (VML), each intra-op thread calling it on its own chunk:
+# the uncommented IMPLEMENT_VML_MKL lines of torch's include/ATen/cpu/vml.h (a test checks this list against it).
+VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt", "tan",
+           "tanh", "trunc")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -92,6 +96,22 @@ def settle(cfg: DictConfig) -> DictConfig:
     if cfg.get("init_from"):
         cfg.init_from = to_absolute_path(str(cfg.init_from))
     return cfg
+
+
+def resolve_vml_kernels() -> None:
+    """Make every VML function pick its kernel now, on this thread alone.
+
+    The oneMKL inside torch's wheels (2024.2) picks a VML function's kernel on that function's first call. When the
+    intra-op threads make that first call together, one of them can run a low-accuracy kernel on its chunk, once
+    (pytorch/pytorch#188792). AdamW's first torch.sqrt did, in 10 of 50 processes on 2 threads: half of the
+    first conv's weights took an update up to 3e-4 off, and the same config and seed ended with other metrics
+    (docs/results/vml-first-call/; 0 of 50 with this call). One call on one element runs on one thread, so every
+    later call finds the choice made.
+    """
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for op in VML_OPS:
+            getattr(torch, op)(x)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -328,6 +348,7 @@ def train(
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    resolve_vml_kernels()  # before any tensor maths: the same config and seed give the same numbers on a CPU
 
     # Everything a user can get wrong in the config is refused here, before any data is read.
     config.check_recipe(cfg)
