@@ -136,7 +136,7 @@ def test_every_function_torch_hands_to_mkl_vml_is_resolved_before_training():
         assert callable(getattr(torch, op)), op
 
 
-class FirstStep(L.Callback):
+class OptimizerSteps(L.Callback):
     def __init__(self, calls: list[str]):
         self.calls = calls
 
@@ -147,11 +147,16 @@ class FirstStep(L.Callback):
 def test_vml_kernels_are_resolved_before_the_first_optimizer_step(tmp_path, monkeypatch):
     calls = []
     resolve = train.resolve_vml_kernels
-    monkeypatch.setattr(train, "resolve_vml_kernels", lambda: (calls.append("resolved"), resolve())[1])
+
+    def recorded() -> None:
+        calls.append("resolved")
+        resolve()
+
+    monkeypatch.setattr(train, "resolve_vml_kernels", recorded)
     cfg = train.settle(compose_config("data=synthetic", "data.n_train=600", "data.n_test=100", "data.val_size=100",
                                       "trainer.max_epochs=1", "trainer.limit_train_batches=2", "callbacks=plain",
                                       "threads=1"))
-    train.train(cfg, tmp_path, extra_callbacks=[FirstStep(calls)])
+    train.train(cfg, tmp_path, extra_callbacks=[OptimizerSteps(calls)])
     assert calls[:2] == ["resolved", "optimizer step"] and calls.count("resolved") == 1, calls
 
 
