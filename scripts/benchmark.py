@@ -346,6 +346,7 @@ def main() -> None:
         "precision": train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator)),
         "channels_last": bool(cfg.channels_last),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # huge CPU pages: cifarlab sets "1"
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),  # numpy's BLAS threads: cifarlab sets "1"
         "compile": bool(cfg.compile),
         "results": results,
         "ratios": ratios,

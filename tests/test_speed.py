@@ -427,3 +427,44 @@ def test_large_cpu_tensors_get_huge_pages_in_the_training_and_measuring_processe
     entry point and each measuring script must import cifarlab before lightning."""
     assert huge_kib(module) >= 128 * 1024  # most of the 256 MiB
     assert huge_kib(module, THP_MEM_ALLOC_ENABLE="0") == 0  # a user's own setting wins
+
+
+CPU_MS_AFTER_A_NUMPY_DOT = r"""
+import resource, sys, time
+sys.path.insert(0, {scripts!r})
+import {module}
+import numpy as np
+a = np.ones(65536)  # as many values as the documented model's Linear(1024, 64) weight
+a.dot(a)  # what TensorBoard's add_histogram takes of every weight (its sum of squares)
+def cpu_s():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+before = cpu_s()
+for _ in range(5):
+    a.dot(a)
+    time.sleep(0.2)  # the process has nothing to do: whatever CPU it uses now, a thread spent spinning
+print(round((cpu_s() - before) * 1000))
+"""
+
+
+def cpu_ms_after_a_dot(module: str, **env: str) -> int:
+    """CPU ms a fresh process that imports `module` uses over five rounds of a numpy dot product of 65,536 values
+    (well under a millisecond of work) followed by 0.2 s of sleep."""
+    code = CPU_MS_AFTER_A_NUMPY_DOT.format(scripts=str(REPO / "scripts"), module=module)
+    environ = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")} | env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: numpy's BLAS runs on one thread anyway")
+@pytest.mark.parametrize("module", ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"])
+def test_numpy_blas_leaves_no_thread_spinning_beside_training(module):
+    """numpy's OpenBLAS keeps its worker threads spinning for about 0.1 s after each threaded call; the weight
+    histograms' dot products left one spinning into the next epoch, beside torch's own threads, and that epoch's
+    augmentation ran twice as slow on 2 cores (docs/results/openblas-spin/). cifarlab sets OPENBLAS_NUM_THREADS=1,
+    which OpenBLAS reads when numpy loads, so each entry point must import cifarlab before numpy (torch imports it)."""
+    assert cpu_ms_after_a_dot(module) < 20  # idle: nothing spins
+    # A user's own setting wins, and with two threads this machine's numpy does spin (about 100 ms of CPU a round
+    # alone; less when the other test worker shares the core): the check above can fail.
+    assert cpu_ms_after_a_dot(module, OPENBLAS_NUM_THREADS="2") > 150
