@@ -14,10 +14,10 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 # first CPU allocation; no effect on a GPU's memory or on any result. A user's own setting wins.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-# numpy's own BLAS (OpenBLAS, a pthreads build) on one thread. After each call it splits over threads, those threads
-# spin for about 0.1 s; TensorBoard's weight histograms make such calls at every epoch's end (a dot product of each
-# large weight), and the spinning thread took a core from torch's as the next epoch began: its augmentation ran twice
-# as slow (38 against 86-95 ms an epoch in a short run on 2 cores; docs/results/openblas-spin/). Nothing here needs
-# numpy's BLAS to be fast. OpenBLAS reads this when numpy loads (torch imports numpy); OpenMP builds of OpenBLAS
-# (torch's own BLAS, where it has one) do not read it. A user's own setting wins.
+# numpy's own BLAS (OpenBLAS, a pthreads build) on one thread. When it splits a call over threads, they spin for
+# about 0.1 s afterwards. TensorBoard's weight histograms make such calls at every epoch's end (a dot product of each
+# large weight), and the spinning thread took a core from torch's as the next epoch began: its augmentation ran more
+# than twice as slow (86-95 against 38 ms an epoch in a short run on 2 cores; docs/results/openblas-spin/). Nothing
+# here needs numpy's BLAS to be fast. OpenBLAS reads this when numpy loads (torch imports numpy); OpenMP builds of
+# OpenBLAS (torch's own BLAS, where it has one) do not read it. A user's own setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -36,12 +36,12 @@ def timed_augment(self, idx, epoch, batches, mirror):
 
 data.DeviceBatches.augment = timed_augment
 overrides = sys.argv[1:]
-N_TRAIN, VAL, BATCH = 6000, 600, 512
-cfg = train.settle(benchmark.compose(["data=synthetic", f"data.n_train={N_TRAIN}", f"data.batch_size={BATCH}",
+cfg = train.settle(benchmark.compose(["data=synthetic", "data.n_train=6000", "data.batch_size=512",
                                       "trainer.max_epochs=16", "trainer.limit_val_batches=1", *overrides]))
 with tempfile.TemporaryDirectory() as tmp:
     metrics = train.train(cfg, Path(tmp))
-images = (N_TRAIN - VAL) // BATCH * BATCH
+n_train = cfg.data.n_train - data.val_count(cfg.data.val_size, cfg.data.n_train)
+images = n_train // cfg.data.batch_size * cfg.data.batch_size  # an epoch's images: whole batches only
 epoch_ms = statistics.median(images / rate * 1000 for rate in metrics["train_img_per_s_by_epoch"][1:])
 first = statistics.median(ms for e, b, ms in chunks if e >= 1 and b == 0)
 others = statistics.median(ms for e, b, ms in chunks if e >= 1 and b != 0)

@@ -24,11 +24,14 @@ import cifarlab  # noqa: E402,F401
 import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import benchmark  # noqa: E402
-from cifarlab import train  # noqa: E402
+from cifarlab import data, train  # noqa: E402
 
 if os.environ.get("OPENBLAS_NUM_THREADS") != "2":
     sys.exit("run with OPENBLAS_NUM_THREADS=2 (numpy's OpenBLAS must start a second thread to switch to)")
-lib = ctypes.CDLL(glob.glob(str(Path(np.__file__).parent.parent / "numpy.libs" / "libscipy_openblas64_*.so"))[0])
+found = glob.glob(str(Path(np.__file__).parent.parent / "numpy.libs" / "libscipy_openblas64_*.so"))
+if not found:
+    sys.exit("numpy's own OpenBLAS (numpy.libs/libscipy_openblas64_*.so, as in numpy's wheels) was not found")
+lib = ctypes.CDLL(found[0])
 
 
 epochs = int(sys.argv[1]) if len(sys.argv) > 1 else 24
@@ -44,14 +47,15 @@ class AlternateBlasThreads(L.Callback):
         lib.scipy_openblas_set_num_threads64_(threads_at(trainer.current_epoch))
 
 
-N_TRAIN, VAL, BATCH = 6000, 600, 512
-cfg = train.settle(benchmark.compose(["data=synthetic", f"data.n_train={N_TRAIN}", f"data.batch_size={BATCH}",
+cfg = train.settle(benchmark.compose(["data=synthetic", "data.n_train=6000", "data.batch_size=512",
                                       f"trainer.max_epochs={epochs}", "trainer.limit_val_batches=1", *sys.argv[3:]]))
 with tempfile.TemporaryDirectory() as tmp:
     metrics = train.train(cfg, Path(tmp), extra_callbacks=[AlternateBlasThreads()])
-images = (N_TRAIN - VAL) // BATCH * BATCH
+n_train = cfg.data.n_train - data.val_count(cfg.data.val_size, cfg.data.n_train)
+images = n_train // cfg.data.batch_size * cfg.data.batch_size  # an epoch's images: whole batches only
 ms = [images / rate * 1000 for rate in metrics["train_img_per_s_by_epoch"]]
-after2 = [ms[e] for e in range(2, epochs) if threads_at(e - 1) == 2]  # epoch e follows epoch e-1's inspection
+# Epoch e follows epoch e-1's inspection. Epochs 0 and 1 are left out as warm-up.
+after2 = [ms[e] for e in range(2, epochs) if threads_at(e - 1) == 2]
 after1 = [ms[e] for e in range(2, epochs) if threads_at(e - 1) == 1]
 print("epoch ms:", [round(x) for x in ms])
 print(f"phase {phase}: epochs after a 2-thread inspection: median {statistics.median(after2):.0f} ms ({len(after2)}); "
