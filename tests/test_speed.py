@@ -396,6 +396,21 @@ def test_limit_train_batches_and_max_steps_count_batches_not_groups(tmp_path, li
     assert recorder.lr[6] < recorder.lr[0]  # the schedule was 7 steps long: the last step is near its floor
 
 
+# The processes that train or measure: each must import cifarlab first, so that its environment defaults are set before
+# torch, numpy and lightning load.
+ENTRY_POINTS = ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"]
+
+
+def last_number_printed(template: str, module: str, unset: tuple[str, ...], **env: str) -> int:
+    """Runs `template` (formatted with the scripts folder and `module`) in a fresh process whose environment lacks the
+    variables `unset` and adds `env`; the last number it prints."""
+    code = template.format(scripts=str(REPO / "scripts"), module=module)
+    environ = {k: v for k, v in os.environ.items() if k not in unset} | env
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 HUGE_PAGES_OF_A_256_MIB_TENSOR = r"""
 import sys
@@ -409,17 +424,13 @@ print([l.split()[1] for l in open("/proc/self/smaps_rollup") if l.startswith("An
 
 def huge_kib(module: str, **env: str) -> int:
     """KiB of transparent huge pages in a fresh process that imports `module`, then allocates a 256 MiB tensor."""
-    code = HUGE_PAGES_OF_A_256_MIB_TENSOR.format(scripts=str(REPO / "scripts"), module=module)
-    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.split()[-1])
+    return last_number_printed(HUGE_PAGES_OF_A_256_MIB_TENSOR, module, ("THP_MEM_ALLOC_ENABLE",), **env)
 
 
 @pytest.mark.skipif(not THP.exists() or "[madvise]" not in THP.read_text(),
                     reason="the kernel's transparent huge pages are not in madvise mode (never: none to ask for; always: "
                            "every process gets them, asked or not), so whether cifarlab asks cannot be seen")
-@pytest.mark.parametrize("module", ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"])
+@pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_large_cpu_tensors_get_huge_pages_in_the_training_and_measuring_processes(module):
     """Without huge pages each large CPU tensor (a batch's activations) faults in 4 KiB at a time, and a bare step ran
     19 % slower (docs/performance.md). cifarlab asks torch for them
@@ -450,17 +461,13 @@ print(round((cpu_s() - before) * 1000))
 def cpu_ms_after_a_dot(module: str, **env: str) -> int:
     """CPU ms a fresh process that imports `module` uses over five rounds of a numpy dot product of 65,536 values
     (well under a millisecond of work) followed by 0.2 s of sleep."""
-    code = CPU_MS_AFTER_A_NUMPY_DOT.format(scripts=str(REPO / "scripts"), module=module)
     blas_settings = ("OPENBLAS_NUM_THREADS", "OPENBLAS_DEFAULT_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS",
                      "OPENBLAS_THREAD_TIMEOUT")
-    environ = {k: v for k, v in os.environ.items() if k not in blas_settings} | env
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.split()[-1])
+    return last_number_printed(CPU_MS_AFTER_A_NUMPY_DOT, module, blas_settings, **env)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: numpy's BLAS runs on one thread anyway")
-@pytest.mark.parametrize("module", ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"])
+@pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_numpy_blas_leaves_no_thread_spinning_beside_training(module):
     """numpy's OpenBLAS keeps its worker threads spinning for about 0.1 s after each threaded call; the weight
     histograms' dot products left one spinning into the next epoch, beside torch's own threads, and that epoch's
