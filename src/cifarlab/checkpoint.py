@@ -25,6 +25,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from cifarlab import checksums
+
 LAST = "last.ckpt"
 STAMP = "cifarlab"  # the checkpoint's key for what ResumePoint records
 
@@ -171,6 +173,7 @@ def trim_events(log_dir: Path, until: float | None) -> int:
     from tensorboard.compat.proto.event_pb2 import Event
     from tensorboard.summary.writer.record_writer import RecordWriter
 
+    checksums.install()  # each record's checksums are checked when read and computed again when written
     dropped = 0
     for path in sorted(log_dir.glob("events.out.tfevents.*")):
         records = list(_records(path))

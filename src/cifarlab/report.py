@@ -26,6 +26,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import OmegaConf
 
+from cifarlab import checksums
+
 FINISHED, FAILED = "metrics.json", "failed.json"
 # The documented model: what every row is compared with...
 BASELINE = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
@@ -257,6 +259,7 @@ def write_tensorboard(sweep: Path, text: str, png: Path) -> None:
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
+    checksums.install()
     with SummaryWriter(str(sweep / "report")) as writer:
         writer.add_text("sweep/report", text)
         writer.add_image("sweep/accuracy", np.asarray(Image.open(png).convert("RGB")), dataformats="HWC")

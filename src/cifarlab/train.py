@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab import checkpoint, config, data, inspection
+from cifarlab import checkpoint, checksums, config, data, inspection
 from cifarlab.checkpoint import CheckpointError
 from cifarlab.config import ConfigError
 from cifarlab.data import DataError
@@ -349,6 +349,7 @@ def train(
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     resolve_vml_kernels()  # before any tensor maths: the same config and seed give the same numbers on a CPU
+    checksums.install()  # TensorBoard's event checksums in C: the writer thread's pure-Python CRC held the GIL
 
     # Everything a user can get wrong in the config is refused here, before any data is read.
     config.check_recipe(cfg)
