@@ -93,7 +93,7 @@ def main() -> None:
         overrides = ["experiment=best", *variants[name], f"seed={seed}", "callbacks=plain", "threads=1",
                      f"data.root={args.data_root}", f"hydra.run.dir={run_dir}", *args.extra.split()]
         log = open(args.runs / f"{name}_s{seed}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "cifarlab.train", *overrides], stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "cifarlab.cli", *overrides], stdout=log,
                                 stderr=subprocess.STDOUT)
         return {"proc": proc, "log": log, "name": name, "seed": seed, "dir": run_dir, "overrides": overrides,
                 "started": time.time()}

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifarlab import config, train
+from cifarlab import config, run_folder, train
 from cifarlab.checkpoint import CheckpointError
 from cifarlab.config import ConfigError
+from cifarlab.run_folder import RunFolderError
 from conftest import CONFIG_DIR, REPO, compose_config, run_cli
 
 
@@ -207,6 +210,36 @@ def test_unknown_options_and_keys_are_refused_in_one_line_with_the_choices(tmp_p
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run folder
 
 
+# What cifarlab-train answers before a run starts, and the exit status of each. torch, torchvision, torchmetrics and
+# Lightning took 9 s to import on the 2-core test machine; these answers take about a second because they load none of
+# them (cli.py, run_folder.py).
+ANSWERED_BEFORE_A_RUN = [(["--help"], 0), (["--cfg", "job", "model/pool=avg"], 0), (["model/pool=median"], 2),
+                         (["model.pool.kernel_sizee=3"], 2), (["model.pool.kernel_size=[3"], 2),
+                         (["resume=no/such/run"], 2), (["resume=run", "trainer.max_epochs=20"], 2)]
+ANSWER_IN_THIS_PROCESS = r"""
+import sys
+from cifarlab import cli
+sys.argv = ["cifarlab-train", *sys.argv[1:]]
+try:
+    cli.cli()
+    status = 0
+except SystemExit as e:
+    status = e.code or 0
+heavy = sorted(m for m in ("torch", "torchvision", "torchmetrics", "lightning") if m in sys.modules)
+print(f"status={status} heavy={','.join(heavy) or 'none'}", file=sys.stderr)
+"""
+
+
+def test_help_cfg_and_refused_overrides_load_no_torch_or_lightning(tmp_path):
+    (tmp_path / "run").mkdir()
+    for args, status in ANSWERED_BEFORE_A_RUN:
+        result = subprocess.run([sys.executable, "-c", ANSWER_IN_THIS_PROCESS, *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.stderr.strip().splitlines()[-1] == f"status={status} heavy=none", (args, result.stderr)
+        assert (result.stdout if status == 0 else result.stderr).strip(), args  # it did answer
+    assert not (tmp_path / "outputs").exists()  # nor made a run folder
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints (init_from=<file>) and resume=<run folder>: each refused in one line naming the file or folder.
 
@@ -304,15 +337,15 @@ def test_resume_refusals_name_the_folder_and_what_to_do(tmp_path):
                                                   r"the config it started with"),
     ]
     for folder, others, message in cases:
-        with pytest.raises(ConfigError) as e:
-            train.resume_overrides(folder, others)
+        with pytest.raises(RunFolderError) as e:
+            run_folder.resume_overrides(folder, others)
         assert re.search(message, str(e.value)), str(e.value)
     (run_dir / ".running").write_text(f"pid {os.getpid()} on {os.uname().nodename} since 2026-11-22T00:00:00+00:00\n")
-    with pytest.raises(ConfigError, match=r"a run is still using this folder \(pid \d+ on .*\); if it is dead, delete"):
-        train.resume_overrides(str(run_dir), [])
+    with pytest.raises(RunFolderError, match=r"a run is still using this folder \(pid \d+ on .*\); if it is dead, delete"):
+        run_folder.resume_overrides(str(run_dir), [])
     (run_dir / "metrics.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"that run finished \(metrics.json\); nothing to resume"):
-        train.resume_overrides(str(run_dir), [])
+    with pytest.raises(RunFolderError, match=r"that run finished \(metrics.json\); nothing to resume"):
+        run_folder.resume_overrides(str(run_dir), [])
 
 
 @pytest.mark.parametrize("last,message", [

@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
-from cifarlab import checkpoint, train
+from cifarlab import checkpoint, run_folder, train
 from conftest import CLI, compose_config, read_metrics, run_cli
 
 # Dropout and RReLU draw from the global RNG every step, so equal results need the RNG restored too. Logging every
@@ -224,7 +224,7 @@ def test_a_checkpoint_of_the_versions_where_lightning_stepped_the_optimizer_resu
     loops[manual] = {"total": {"ready": 0, "completed": 0}, "current": {"ready": 0, "completed": 0}}
     (resumed / "checkpoints").mkdir(parents=True)
     torch.save(old, resumed / "checkpoints" / checkpoint.LAST)
-    (resumed / train.SAVED_CONFIG).write_text((reference / train.SAVED_CONFIG).read_text())
+    (resumed / run_folder.SAVED_CONFIG).write_text((reference / run_folder.SAVED_CONFIG).read_text())
     got = train.train(cfg, resumed, resume=True)
     assert got["steps"] == want["steps"] == 40
     for key in ("test_acc", "test_loss", "epochs"):

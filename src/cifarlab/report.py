@@ -27,8 +27,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from cifarlab import checksums
+from cifarlab.run_folder import FAILED, FINISHED
 
-FINISHED, FAILED = "metrics.json", "failed.json"
 # The documented model: what every row is compared with...
 BASELINE = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
 # ...except in an ablation (`ablate=...` is an axis), where each row takes one ingredient out of the recipe itself.
@@ -251,7 +251,7 @@ def markdown(sweep: Path, rows: list[Row], header: list[str], body: list[list[st
     if failed:
         lines += ["", "## Failed or unfinished jobs", ""]
         lines += [f"- `{j.folder.name}`: {j.error}" for j in failed]
-    lines += ["", f"![accuracy per configuration](report.png)", ""]
+    lines += ["", "![accuracy per configuration](report.png)", ""]
     return "\n".join(lines)
 
 

@@ -1,22 +1,18 @@
-"""cifarlab-train: the Hydra entry point. Read top to bottom, it is the whole program:
+"""cifarlab-train's run. Read top to bottom, it is the whole program:
 
-compose the config -> check it and build the layer factories and model (config.py) -> load CIFAR-10 (data.py)
+compose the config (cli.py) -> check it and build the layer factories and model (config.py) -> load CIFAR-10 (data.py)
 -> train and validate (module.py, Lightning) -> test the best checkpoint -> metrics.json in the run folder.
 
 `cifarlab-train resume=<run folder>` continues a killed or interrupted run from its last checkpoint, in the same
-folder, with the config it was started with (checkpoint.py).
+folder, with the config it was started with (run_folder.py, checkpoint.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import difflib
 import hashlib
 import json
 import logging
 import os
-import re
-import socket
 import sys
 import time
 import traceback
@@ -25,25 +21,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.experimental.callback import Callback
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from cifarlab import checkpoint, checksums, config, data, inspection
 from cifarlab.checkpoint import CheckpointError
+from cifarlab.cli import refuse
 from cifarlab.config import ConfigError
 from cifarlab.data import DataError
 from cifarlab.model import count_parameters
 from cifarlab.module import CifarModule, Diverged, EpochTimer
+from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, SAVED_CONFIG, RunFolderError, claim, is_ddp_child,
+                                 lock_is_stale, saved_run, set_aside)
 
 log = logging.getLogger("cifarlab")
-# Sweep job folders 000_, 001_, ... so that `ls` lists them in the order they ran.
-OmegaConf.register_new_resolver("cifarlab.zfill", lambda n, width: str(n).zfill(int(width)), replace=True)
 # Lightning's advertising and a deprecation inside Lightning itself are noise to a user of this tool.
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
@@ -51,12 +46,7 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
 )
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resumed run's
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-FINISHED = "metrics.json"  # its presence marks a finished run
-RUNNING = ".running"  # held while a run uses its folder (created exclusively), so two runs never share one
-FAILED = "failed.json"  # a sweep job that raised: its error, so the sweep goes on and the report can say why
-SAVED_CONFIG = "config.yaml"  # the resolved config, written when the run starts; what resume= continues with
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunFolderError)
 # The float unary ops ATen hands to MKL's vector math library (VML), each intra-op thread calling it on its own chunk:
 # the uncommented IMPLEMENT_VML_MKL lines of torch's include/ATen/cpu/vml.h (a test checks this list against it).
 VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt", "tan",
@@ -124,82 +114,6 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def refuse(message: str, status: int = 2) -> None:
-    """A user mistake: one line on stderr, no traceback, a non-zero exit."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
-def stopped_run(run_dir: Path) -> str:
-    return (f"hydra.run.dir={run_dir}: holds a stopped run; continue it with `cifarlab-train resume={run_dir}` or "
-            "choose another folder")
-
-
-def finished_run(run_dir: Path) -> str:
-    return f"hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder"
-
-
-class KeepFinishedRuns(Callback):
-    """Hydra writes .hydra/*.yaml into the run folder before the task starts; refuse a finished folder before that,
-    so a finished run's record of its config is never replaced."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
-        except Exception:  # interpolations that only resolve inside the job: the task's own check covers them
-            return
-        if (run_dir / FINISHED).exists():
-            refuse(finished_run(run_dir))
-        if (run_dir / SAVED_CONFIG).exists() and config.get("resume") is None and not is_ddp_child():
-            refuse(stopped_run(run_dir))
-
-
-@contextlib.contextmanager
-def claim(run_dir: Path):
-    """Hold the run folder for this run alone; refuse a folder that holds a finished run or one in progress."""
-    if (run_dir / FINISHED).exists():
-        raise ConfigError(finished_run(run_dir))
-    lock = run_dir / RUNNING
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise ConfigError(
-            f"hydra.run.dir={run_dir}: another run is using this folder ({lock}: {lock.read_text().strip()}); "
-            f"if that run is dead, delete {lock} first"
-        ) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def lock_is_stale(run_dir: Path) -> bool:
-    """The folder's lock names a process on this machine that no longer exists (a killed run)."""
-    words = (run_dir / RUNNING).read_text().split()
-    if len(words) < 4 or words[0] != "pid" or words[3] != socket.gethostname():
-        return False
-    try:
-        os.kill(int(words[1]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
-
-
-def set_aside(run_dir: Path) -> Path:
-    """Move what a dead attempt left (events, checkpoints, log, lock) into attempt-<time>/: kept, not mixed in."""
-    attempt = run_dir / f"attempt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
-    attempt.mkdir()
-    for path in run_dir.iterdir():
-        if path.name not in (".hydra", attempt.name) and not path.name.startswith("attempt-"):
-            path.rename(attempt / path.name)
-    return attempt
-
-
 # Keys added to configs/train.yaml after runs were made without them, with their defaults: at the default, a key is left
 # out of config_sha, so a sweep started before it existed still skips its finished jobs and resumes its stopped ones.
 ADDED_KEYS = {"test_checkpoint": "best"}
@@ -216,11 +130,6 @@ def config_sha(cfg: DictConfig) -> str:
         if plain.get(key, default) == default:
             plain.pop(key, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def is_ddp_child() -> bool:
-    """Lightning starts DDP ranks 1.. by running this command again with LOCAL_RANK set; rank 0 owns the folder."""
-    return os.environ.get("LOCAL_RANK", "0") != "0"
 
 
 def sweep_job(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> float:
@@ -484,41 +393,8 @@ def interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
                        f"{saved}. Continue with: cifarlab-train resume={run_dir}")
 
 
-def resume_overrides(folder: str, others: list[str]) -> list[str]:
-    """`resume=<folder>` -> the overrides that run Hydra in that folder without rewriting its .hydra/ record."""
-    run_dir = Path(folder).expanduser().resolve()  # the spelling Lightning's checkpoint paths were saved with
-    if others:
-        raise ConfigError(f"resume={folder} with {' '.join(others)}: a resumed run continues with the config it "
-                          "started with; give resume=<run folder> alone, or start a new run to change anything")
-    if not run_dir.is_dir():
-        raise ConfigError(f"resume={folder}: no such folder; give the run folder a run printed as 'logs: <folder>'")
-    if not (run_dir / SAVED_CONFIG).is_file():
-        raise ConfigError(f"resume={folder}: not a cifarlab run folder (no {SAVED_CONFIG}); give the folder a run "
-                          "printed as 'logs: <folder>'")
-    if (run_dir / FINISHED).exists():
-        raise ConfigError(f"resume={folder}: that run finished ({FINISHED}); nothing to resume")
-    if (run_dir / RUNNING).exists():
-        if not lock_is_stale(run_dir):
-            holder = (run_dir / RUNNING).read_text().strip()
-            raise ConfigError(f"resume={folder}: a run is still using this folder ({holder}); if it is dead, "
-                              f"delete {run_dir / RUNNING} first")
-        (run_dir / RUNNING).unlink()  # its process is gone: killed
-    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}"]
-
-
-def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None, list[str] | None]:
-    """The config a run started with, and its option names and overrides from Hydra's record of the first start."""
-    cfg = OmegaConf.load(run_dir / SAVED_CONFIG)
-    hydra_record = run_dir / ".hydra" / "hydra.yaml"
-    record = OmegaConf.load(hydra_record) if hydra_record.exists() else None
-    choices = OmegaConf.select(record, "hydra.runtime.choices") if record is not None else None
-    overrides = OmegaConf.select(record, "hydra.overrides.task") if record is not None else None
-    return (cfg, dict(choices) if choices is not None else None,
-            list(overrides) if overrides is not None else None)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """The run that `cifarlab-train` starts (cli.py) once Hydra has composed the config and picked its folder."""
     runtime = HydraConfig.get().runtime
     run_dir = Path(runtime.output_dir)
     option_names, overrides = dict(runtime.choices), None
@@ -554,67 +430,3 @@ def main(cfg: DictConfig) -> float | None:
     return metrics["best_val_acc"]
 
 
-def composition_error(args: list[str]) -> str | None:
-    """Hydra's own refusals (an unknown option or key, an unparsable override) as one line, with the choices;
-    None when the overrides compose. Flags (-m, --help, --cfg) are left to Hydra."""
-    if any(a.startswith("-") for a in args):
-        return None
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-
-    def composed(overrides: list[str]) -> DictConfig:
-        with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-            return compose("train", overrides=overrides)
-
-    try:
-        composed(args)
-        return None
-    except MissingConfigException as e:
-        missing = re.search(r"Could not find '([^']+)/([^'/]+)'", str(e))
-        options = re.findall(r"^\t(\S+)$", str(e).split("Config search path")[0], re.M)
-        if not missing:
-            return str(e).splitlines()[0]
-        group, option = missing.groups()
-        return f"{group}={option}: no such option (no configs/{group}/{option}.yaml); choose one of: {', '.join(options)}"
-    except ConfigCompositionException as e:
-        found = re.search(r"Could not override '([^']+)'", str(e))
-        if not found:
-            return " ".join(str(e).split())
-        key = found.group(1)
-        arg = next((a for a in args if a.startswith(f"{key}=")), key)
-        parent, _, name = key.rpartition(".")
-        try:
-            rest = composed([a for a in args if a != arg])
-            node = OmegaConf.select(rest, parent) if parent else rest
-        except Exception:  # another mistake among the overrides: name this one without the list
-            node = None
-        keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(name, keys, n=1)
-        hint = f"did you mean {parent}.{close[0]}? " if close else ""
-        return (f"{arg}: no such key; {hint}{parent or 'the config'} has: {', '.join(keys)} "
-                f"(to add a key that is not there, write +{arg})")
-    except OverrideParseException as e:
-        return f"cannot parse the overrides {' '.join(args)}: {str(e).splitlines()[0]}"
-    except Exception:
-        return None  # anything else: Hydra reports it as usual
-
-
-def cli() -> None:
-    """cifarlab-train: Hydra's command line, plus resume=<run folder>, which must be read before Hydra picks a
-    folder and records a config in it, and Hydra's composition errors in one line."""
-    args = sys.argv[1:]
-    problem = composition_error([a for a in args if not a.startswith("resume=")])
-    if problem:
-        refuse(problem)
-    given = [a for a in args if a.startswith("resume=")]
-    if given and not is_ddp_child():  # a DDP rank re-runs rank 0's rewritten command line as it is
-        try:
-            overrides = resume_overrides(given[-1].split("=", 1)[1], [a for a in args if a not in given])
-        except ConfigError as e:
-            refuse(str(e))
-        sys.argv = [sys.argv[0], *overrides]
-    main()
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,0 +1,118 @@
+"""A run folder, and what its files say about the run: finished (metrics.json), stopped and resumable (config.yaml
+without metrics.json), in use (.running). The checks that keep two runs out of one folder and never overwrite a finished
+one, and what `resume=<folder>` continues with.
+
+Imports no torch or Lightning: the command line (cli.py) runs these checks before a run starts, in about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+FINISHED = "metrics.json"  # its presence marks a finished run
+RUNNING = ".running"  # held while a run uses its folder (created exclusively), so two runs never share one
+FAILED = "failed.json"  # a sweep job that raised: its error, so the sweep goes on and the report can say why
+SAVED_CONFIG = "config.yaml"  # the resolved config, written when the run starts; what resume= continues with
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked; the message names it and what to do instead."""
+
+
+def is_ddp_child() -> bool:
+    """Lightning starts DDP ranks 1.. by running this command again with LOCAL_RANK set; rank 0 owns the folder."""
+    return os.environ.get("LOCAL_RANK", "0") != "0"
+
+
+def stopped_run(run_dir: Path) -> str:
+    return (f"hydra.run.dir={run_dir}: holds a stopped run; continue it with `cifarlab-train resume={run_dir}` or "
+            "choose another folder")
+
+
+def finished_run(run_dir: Path) -> str:
+    return f"hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder"
+
+
+@contextlib.contextmanager
+def claim(run_dir: Path):
+    """Hold the run folder for this run alone; refuse a folder that holds a finished run or one in progress."""
+    if (run_dir / FINISHED).exists():
+        raise RunFolderError(finished_run(run_dir))
+    lock = run_dir / RUNNING
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        raise RunFolderError(
+            f"hydra.run.dir={run_dir}: another run is using this folder ({lock}: {lock.read_text().strip()}); "
+            f"if that run is dead, delete {lock} first"
+        ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def lock_is_stale(run_dir: Path) -> bool:
+    """The folder's lock names a process on this machine that no longer exists (a killed run)."""
+    words = (run_dir / RUNNING).read_text().split()
+    if len(words) < 4 or words[0] != "pid" or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+def set_aside(run_dir: Path) -> Path:
+    """Move what a dead attempt left (events, checkpoints, log, lock) into attempt-<time>/: kept, not mixed in."""
+    attempt = run_dir / f"attempt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    attempt.mkdir()
+    for path in run_dir.iterdir():
+        if path.name not in (".hydra", attempt.name) and not path.name.startswith("attempt-"):
+            path.rename(attempt / path.name)
+    return attempt
+
+
+def resume_overrides(folder: str, others: list[str]) -> list[str]:
+    """`resume=<folder>` -> the overrides that run Hydra in that folder without rewriting its .hydra/ record."""
+    run_dir = Path(folder).expanduser().resolve()  # the spelling Lightning's checkpoint paths were saved with
+    if others:
+        raise RunFolderError(f"resume={folder} with {' '.join(others)}: a resumed run continues with the config it "
+                          "started with; give resume=<run folder> alone, or start a new run to change anything")
+    if not run_dir.is_dir():
+        raise RunFolderError(f"resume={folder}: no such folder; give the run folder a run printed as 'logs: <folder>'")
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise RunFolderError(f"resume={folder}: not a cifarlab run folder (no {SAVED_CONFIG}); give the folder a run "
+                          "printed as 'logs: <folder>'")
+    if (run_dir / FINISHED).exists():
+        raise RunFolderError(f"resume={folder}: that run finished ({FINISHED}); nothing to resume")
+    if (run_dir / RUNNING).exists():
+        if not lock_is_stale(run_dir):
+            holder = (run_dir / RUNNING).read_text().strip()
+            raise RunFolderError(f"resume={folder}: a run is still using this folder ({holder}); if it is dead, "
+                              f"delete {run_dir / RUNNING} first")
+        (run_dir / RUNNING).unlink()  # its process is gone: killed
+    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}"]
+
+
+def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None, list[str] | None]:
+    """The config a run started with, and its option names and overrides from Hydra's record of the first start."""
+    cfg = OmegaConf.load(run_dir / SAVED_CONFIG)
+    hydra_record = run_dir / ".hydra" / "hydra.yaml"
+    record = OmegaConf.load(hydra_record) if hydra_record.exists() else None
+    choices = OmegaConf.select(record, "hydra.runtime.choices") if record is not None else None
+    overrides = OmegaConf.select(record, "hydra.overrides.task") if record is not None else None
+    return (cfg, dict(choices) if choices is not None else None,
+            list(overrides) if overrides is not None else None)
