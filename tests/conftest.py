@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -73,14 +74,23 @@ SUBSET_RUN_ARGS = ["trainer.max_epochs=4"]
 
 
 @pytest.fixture(scope="session")
-def subset_run(tmp_path_factory, subset_root):
+def subset_run(tmp_path_factory, subset_root, worker_id):
     """The default recipe and inspection set, 4 epochs (76 steps of 256 images) on the byte-exact subset.
 
-    Shared by the training and the TensorBoard tests: one real run, read many ways.
+    Shared by the training, TensorBoard and scoring tests: one real run, read many ways. Made once per session, not
+    once per test worker: the first worker to need it trains it while holding a lock, and the others read its folder
+    and its saved output (the pytest-xdist recipe for a session fixture made once). No test writes into it.
     """
-    work = tmp_path_factory.mktemp("e2e")
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    work, saved = shared / "e2e", shared / "e2e.json"
     run_dir = work / "run"
     args = [f"data.root={subset_root}", *SUBSET_RUN_ARGS, f"hydra.run.dir={run_dir}"]
-    result = run_cli(*args, cwd=work)
+    with FileLock(str(shared / "e2e.lock")):
+        if not saved.exists():
+            work.mkdir()
+            result = run_cli(*args, cwd=work)
+            saved.write_text(json.dumps({"returncode": result.returncode, "stdout": result.stdout,
+                                         "stderr": result.stderr}))
+    result = subprocess.CompletedProcess([str(CLI), *args], **json.loads(saved.read_text()))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result, args

@@ -401,74 +401,68 @@ def test_limit_train_batches_and_max_steps_count_batches_not_groups(tmp_path, li
 ENTRY_POINTS = ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"]
 
 
-def last_number_printed(template: str, module: str, unset: tuple[str, ...], **env: str) -> int:
-    """Runs `template` (formatted with the scripts folder and `module`) in a fresh process whose environment lacks the
-    variables `unset` and adds `env`; the last number it prints."""
-    code = template.format(scripts=str(REPO / "scripts"), module=module)
-    environ = {k: v for k, v in os.environ.items() if k not in unset} | env
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.split()[-1])
-
-
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-HUGE_PAGES_OF_A_256_MIB_TENSOR = r"""
-import sys
-sys.path.insert(0, {scripts!r})
-import {module}
-import torch
-x = torch.ones(64 * 2**20)  # 256 MiB
-print([l.split()[1] for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0])
-"""
-
-
-def huge_kib(module: str, **env: str) -> int:
-    """KiB of transparent huge pages in a fresh process that imports `module`, then allocates a 256 MiB tensor."""
-    return last_number_printed(HUGE_PAGES_OF_A_256_MIB_TENSOR, module, ("THP_MEM_ALLOC_ENABLE",), **env)
-
-
-@pytest.mark.skipif(not THP.exists() or "[madvise]" not in THP.read_text(),
-                    reason="the kernel's transparent huge pages are not in madvise mode (never: none to ask for; always: "
-                           "every process gets them, asked or not), so whether cifarlab asks cannot be seen")
-@pytest.mark.parametrize("module", ENTRY_POINTS)
-def test_large_cpu_tensors_get_huge_pages_in_the_training_and_measuring_processes(module):
-    """Without huge pages each large CPU tensor (a batch's activations) faults in 4 KiB at a time, and a bare step ran
-    19 % slower (docs/performance.md). cifarlab asks torch for them
-    (THP_MEM_ALLOC_ENABLE); torch reads that at its first CPU tensor, which lightning's import already makes, so the
-    entry point and each measuring script must import cifarlab before lightning."""
-    assert huge_kib(module) >= 128 * 1024  # most of the 256 MiB
-    assert huge_kib(module, THP_MEM_ALLOC_ENABLE="0") == 0  # a user's own setting wins
-
-
-CPU_MS_AFTER_A_NUMPY_DOT = r"""
+# A fresh process that imports the entry point first, as it does when started, then prints two figures:
+# - KiB of transparent huge pages backing a 256 MiB tensor it allocates;
+# - CPU ms it uses over five rounds of a numpy dot product of 65,536 values (well under a millisecond of work, as many
+#   values as the documented model's Linear(1024, 64) weight; what TensorBoard's add_histogram takes of every weight,
+#   its sum of squares) each followed by 0.2 s of sleep: whatever CPU it uses then, a thread spent spinning.
+PROBE = r"""
 import resource, sys, time
 sys.path.insert(0, {scripts!r})
 import {module}
 import numpy as np
-a = np.ones(65536)  # as many values as the documented model's Linear(1024, 64) weight
-a.dot(a)  # what TensorBoard's add_histogram takes of every weight (its sum of squares)
+import torch
+x = torch.ones(64 * 2**20)  # 256 MiB
+huge_kib = [l.split()[1] for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")][0]
+del x
+a = np.ones(65536)
+a.dot(a)
 def cpu_s():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 before = cpu_s()
 for _ in range(5):
     a.dot(a)
-    time.sleep(0.2)  # the process has nothing to do: whatever CPU it uses now, a thread spent spinning
-print(round((cpu_s() - before) * 1000))
+    time.sleep(0.2)
+print(huge_kib, round((cpu_s() - before) * 1000))
 """
+# What a user may set to override cifarlab's defaults; the probes start without them.
+SETTINGS = ("THP_MEM_ALLOC_ENABLE", "OPENBLAS_NUM_THREADS", "OPENBLAS_DEFAULT_NUM_THREADS", "GOTO_NUM_THREADS",
+            "OMP_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT")
 
 
-def cpu_ms_after_a_dot(module: str, **env: str) -> int:
-    """CPU ms a fresh process that imports `module` uses over five rounds of a numpy dot product of 65,536 values
-    (well under a millisecond of work) followed by 0.2 s of sleep."""
-    blas_settings = ("OPENBLAS_NUM_THREADS", "OPENBLAS_DEFAULT_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS",
-                     "OPENBLAS_THREAD_TIMEOUT")
-    return last_number_printed(CPU_MS_AFTER_A_NUMPY_DOT, module, blas_settings, **env)
+def probe(module: str, **env: str) -> dict[str, int]:
+    environ = {k: v for k, v in os.environ.items() if k not in SETTINGS} | env
+    code = PROBE.format(scripts=str(REPO / "scripts"), module=module)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    huge_kib, cpu_ms = map(int, out.stdout.split()[-2:])
+    return {"huge_kib": huge_kib, "idle_cpu_ms": cpu_ms}
+
+
+@pytest.fixture(scope="module", params=ENTRY_POINTS)
+def probes(request) -> dict[str, dict[str, int]]:
+    """The probe under cifarlab's defaults, and under a user's own settings of both (two processes per entry point,
+    shared by the two tests below)."""
+    return {"defaults": probe(request.param),
+            "user's": probe(request.param, THP_MEM_ALLOC_ENABLE="0", OPENBLAS_NUM_THREADS="2")}
+
+
+@pytest.mark.skipif(not THP.exists() or "[madvise]" not in THP.read_text(),
+                    reason="the kernel's transparent huge pages are not in madvise mode (never: none to ask for; always: "
+                           "every process gets them, asked or not), so whether cifarlab asks cannot be seen")
+def test_large_cpu_tensors_get_huge_pages_in_the_training_and_measuring_processes(probes):
+    """Without huge pages each large CPU tensor (a batch's activations) faults in 4 KiB at a time, and a bare step ran
+    19 % slower (docs/performance.md). cifarlab asks torch for them
+    (THP_MEM_ALLOC_ENABLE); torch reads that at its first CPU tensor, which lightning's import already makes, so the
+    entry point and each measuring script must import cifarlab before lightning."""
+    assert probes["defaults"]["huge_kib"] >= 128 * 1024  # most of the 256 MiB
+    assert probes["user's"]["huge_kib"] == 0  # a user's own THP_MEM_ALLOC_ENABLE=0 wins
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: numpy's BLAS runs on one thread anyway")
-@pytest.mark.parametrize("module", ENTRY_POINTS)
-def test_numpy_blas_leaves_no_thread_spinning_beside_training(module):
+def test_numpy_blas_leaves_no_thread_spinning_beside_training(probes):
     """numpy's OpenBLAS keeps its worker threads spinning for about 0.1 s after each threaded call; the weight
     histograms' dot products left one spinning into the next epoch, beside torch's own threads, and that epoch's
     augmentation ran more than twice as slow on 2 cores (docs/results/openblas-spin/). cifarlab sets
@@ -476,7 +470,7 @@ def test_numpy_blas_leaves_no_thread_spinning_beside_training(module):
     numpy (torch imports it)."""
     # With two threads (a user's own setting wins) this numpy spins: about 100 ms of CPU a round alone, less when the
     # other test worker shares the core. A numpy whose BLAS does not spin (not OpenBLAS) would make the check moot.
-    spinning = cpu_ms_after_a_dot(module, OPENBLAS_NUM_THREADS="2")
+    spinning = probes["user's"]["idle_cpu_ms"]
     if spinning <= 150:
         pytest.skip(f"numpy's BLAS on 2 threads used {spinning} ms of CPU while idle: it does not spin here")
-    assert cpu_ms_after_a_dot(module) < 20  # cifarlab's default: idle, nothing spins
+    assert probes["defaults"]["idle_cpu_ms"] < 20  # cifarlab's default: idle, nothing spins
