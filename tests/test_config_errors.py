@@ -231,7 +231,6 @@ print(f"status={status} heavy={','.join(heavy) or 'none'}", file=sys.stderr)
 
 
 def test_help_cfg_and_refused_overrides_load_no_torch_or_lightning(tmp_path):
-    (tmp_path / "run").mkdir()
     for args, status in ANSWERED_BEFORE_A_RUN:
         result = subprocess.run([sys.executable, "-c", ANSWER_IN_THIS_PROCESS, *args], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)

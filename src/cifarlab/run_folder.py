@@ -90,19 +90,19 @@ def resume_overrides(folder: str, others: list[str]) -> list[str]:
     run_dir = Path(folder).expanduser().resolve()  # the spelling Lightning's checkpoint paths were saved with
     if others:
         raise RunFolderError(f"resume={folder} with {' '.join(others)}: a resumed run continues with the config it "
-                          "started with; give resume=<run folder> alone, or start a new run to change anything")
+                             "started with; give resume=<run folder> alone, or start a new run to change anything")
     if not run_dir.is_dir():
         raise RunFolderError(f"resume={folder}: no such folder; give the run folder a run printed as 'logs: <folder>'")
     if not (run_dir / SAVED_CONFIG).is_file():
         raise RunFolderError(f"resume={folder}: not a cifarlab run folder (no {SAVED_CONFIG}); give the folder a run "
-                          "printed as 'logs: <folder>'")
+                             "printed as 'logs: <folder>'")
     if (run_dir / FINISHED).exists():
         raise RunFolderError(f"resume={folder}: that run finished ({FINISHED}); nothing to resume")
     if (run_dir / RUNNING).exists():
         if not lock_is_stale(run_dir):
             holder = (run_dir / RUNNING).read_text().strip()
             raise RunFolderError(f"resume={folder}: a run is still using this folder ({holder}); if it is dead, "
-                              f"delete {run_dir / RUNNING} first")
+                                 f"delete {run_dir / RUNNING} first")
         (run_dir / RUNNING).unlink()  # its process is gone: killed
     return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}"]
 
