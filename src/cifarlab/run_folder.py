@@ -2,7 +2,8 @@
 without metrics.json), in use (.running). The checks that keep two runs out of one folder and never overwrite a finished
 one, and what `resume=<folder>` continues with.
 
-Imports no torch or Lightning: the command line (cli.py) runs these checks before a run starts, in about a second.
+Imports no torch or Lightning: the command line (cli.py) runs these checks before a run starts, without waiting
+for them.
 """
 
 from __future__ import annotations
