@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifarlab import config, run_folder, train
+from cifarlab import cli, config, run_folder, train
 from cifarlab.checkpoint import CheckpointError
 from cifarlab.config import ConfigError
 from cifarlab.run_folder import RunFolderError
@@ -22,9 +22,7 @@ from conftest import CONFIG_DIR, REPO, compose_config, run_cli
 def refusal(*overrides: str) -> str:
     cfg = compose_config(*overrides)
     with pytest.raises(ConfigError) as e:
-        config.check_recipe(cfg)
-        config.build_model(cfg.model)
-        config.build_optimizer(cfg.optimizer)
+        config.check(cfg)
     return str(e.value)
 
 
@@ -164,7 +162,7 @@ def test_the_fix_the_message_names_works():
     ["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging", "+callbacks.swa.swa_lrs=0.01"],
 ])
 def test_callbacks_that_act_per_step_are_accepted_with_one_step_per_call_or_when_they_act_per_epoch(overrides):
-    config.check_recipe(compose_config(*overrides))  # raises ConfigError if refused
+    config.check(compose_config(*overrides))  # raises ConfigError if refused
 
 
 def test_every_target_in_configs_is_allowed():
@@ -176,22 +174,27 @@ def test_every_target_in_configs_is_allowed():
 
 
 @pytest.mark.parametrize(
-    "overrides,message",
+    "overrides,message,folder_made",
     [
-        (["model/pool=max", "model.pool.kernel_size=4", "model.pool.stride=4"], "stage3 2x2 -> 0x0"),
-        (["model.pool=avg"], "(a slash, not a dot)"),
-        (["data.root=/no/such/folder", "data.download=false"], "CIFAR-10 not found: looked for /no/such/folder"),
+        (["model/pool=max", "model.pool.kernel_size=4", "model.pool.stride=4"], "stage3 2x2 -> 0x0", False),
+        (["model.pool=avg"], "(a slash, not a dot)", False),
+        (["data.name=imagenet"], "data.name='imagenet': must be one of cifar10, synthetic", False),
+        (["callbacks.epoch_timer._target_=os.system"], "callbacks.epoch_timer._target_='os.system': not an", False),
+        # found once the data is read: the run folder is made by then, and its train.log says why it stopped
+        (["data.root=/no/such/folder", "data.download=false"], "CIFAR-10 not found: looked for /no/such/folder", True),
         (["data=synthetic", "data.n_train=300", "data.val_size=300"],
-         "data.val_size=300 leaves 300 validation and 0 training images of 300; use a fraction in (0, 1) or a smaller"),
+         "data.val_size=300 leaves 300 validation and 0 training images of 300; use a fraction in (0, 1) or a smaller",
+         True),
     ],
 )
-def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message):
+def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message, folder_made):
     run_dir = tmp_path / "run"
     result = run_cli(*overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+    assert run_dir.exists() == folder_made  # a config mistake is refused before Hydra makes the run folder
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
@@ -210,12 +213,16 @@ def test_unknown_options_and_keys_are_refused_in_one_line_with_the_choices(tmp_p
     assert not (tmp_path / "outputs").exists()  # refused before Hydra made a run folder
 
 
-# What cifarlab-train answers before a run starts, and the exit status of each. torch, torchvision, torchmetrics and
-# Lightning took 9 s to import on the 2-core test machine; these answers take about a second because they load none of
-# them (cli.py, run_folder.py).
-ANSWERED_BEFORE_A_RUN = [(["--help"], 0), (["--cfg", "job", "model/pool=avg"], 0), (["model/pool=median"], 2),
-                         (["model.pool.kernel_sizee=3"], 2), (["model.pool.kernel_size=[3"], 2),
-                         (["resume=no/such/run"], 2), (["resume=run", "trainer.max_epochs=20"], 2)]
+# What cifarlab-train answers before a run starts, the exit status of each, and the heavy modules it loads for it:
+# torch, torchvision, torchmetrics and Lightning took 9.5 s to import on the 2-core test machine, torch alone 2.3 s
+# (docs/results/cli-answers/). A mistake in the overrides or in resume= needs none of them; a mistake in a value
+# needs torch (its checks build the layers), not Lightning.
+ANSWERED_BEFORE_A_RUN = [(["--help"], 0, "none"), (["--cfg", "job", "model/pool=avg"], 0, "none"),
+                         (["model/pool=median"], 2, "none"), (["model.pool.kernel_sizee=3"], 2, "none"),
+                         (["model.pool.kernel_size=[3"], 2, "none"), (["resume=no/such/run"], 2, "none"),
+                         (["resume=run", "trainer.max_epochs=20"], 2, "none"),
+                         (["model.pool.kernel_size=40"], 2, "torch"), (["data.name=imagenet"], 2, "torch"),
+                         (["experiment=best", "model/pool=lp"], 2, "torch"), (["optimizer.lr=0"], 2, "torch")]
 ANSWER_IN_THIS_PROCESS = r"""
 import sys
 from cifarlab import cli
@@ -230,13 +237,30 @@ print(f"status={status} heavy={','.join(heavy) or 'none'}", file=sys.stderr)
 """
 
 
-def test_help_cfg_and_refused_overrides_load_no_torch_or_lightning(tmp_path):
-    for args, status in ANSWERED_BEFORE_A_RUN:
+def test_help_cfg_and_refused_overrides_load_no_lightning_and_make_no_run_folder(tmp_path):
+    for args, status, heavy in ANSWERED_BEFORE_A_RUN:
         result = subprocess.run([sys.executable, "-c", ANSWER_IN_THIS_PROCESS, *args], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
-        assert result.stderr.strip().splitlines()[-1] == f"status={status} heavy=none", (args, result.stderr)
+        assert result.stderr.strip().splitlines()[-1] == f"status={status} heavy={heavy}", (args, result.stderr)
         assert (result.stdout if status == 0 else result.stderr).strip(), args  # it did answer
     assert not (tmp_path / "outputs").exists()  # nor made a run folder
+
+
+@pytest.mark.parametrize("args", [
+    ["trainer.max_epochs=1"],
+    ["+note=${hydra:runtime.output_dir}"],  # resolves only inside the run: the run's own check reads it
+    ["resume=run"],  # a resumed run continues with its saved config, checked when it starts
+])
+def test_the_command_line_passes_a_valid_config_to_the_run(tmp_path, monkeypatch, args):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / run_folder.SAVED_CONFIG).write_text(OmegaConf.to_yaml(compose_config()))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cifarlab-train", *args])
+    started = []
+    monkeypatch.setattr(cli, "main", lambda: started.append(sys.argv[1:]))
+    cli.cli()
+    assert started == [[f"hydra.run.dir={tmp_path / 'run'}", "hydra.output_subdir=null",
+                        f"resume={tmp_path / 'run'}"] if args == ["resume=run"] else args]
 
 
 # ---------------------------------------------------------------------------------------------------------------

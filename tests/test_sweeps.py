@@ -52,8 +52,7 @@ def test_every_named_grid_runs_one_job_per_configuration(tmp_path, name):
         axes = [[f"{k}={v}" for v in vs.split(",")] for k, vs in params.items()]
         for overrides in itertools.product(*axes):
             cfg = compose_config(f"sweep={name}", *overrides)
-            config.check_recipe(cfg)
-            config.build_model(cfg.model)
+            config.check(cfg)
         return
     seeds = "0,1" if name == "pool" else "0"  # seed=... on the command line replaces the grid's seeds (README)
     expected = math.prod(len(v.split(",")) for v in params.values()) * len(seeds.split(","))

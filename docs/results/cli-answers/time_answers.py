@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 CASES = [["--help"], ["--cfg", "job", "model/pool=avg"], ["model.pool.kernel_sizee=3"], ["resume=no/such/run"],
-         ["model.pool.kernel_size=4", "model.pool.stride=4", "hydra.run.dir=refused"]]  # the last needs config.py
+         # refused by config.py: a value (torch builds the layers), a _target_ (Lightning's classes are looked up)
+         ["model.pool.kernel_size=4", "model.pool.stride=4", "hydra.run.dir=refused"],
+         ["callbacks.epoch_timer._target_=os.system", "hydra.run.dir=refused"]]
 ROUNDS = 5
 
 
