@@ -6,19 +6,23 @@
 #
 #   scripts/device_checks.sh prepare SUBSET FULL   # here, once (5 min): .device/ (git-ignored), 57 + 45 MiB to carry
 #   # call 1, carry [".device/deps", ".device/subset", ".device/full1"], timeout_s 420:
-#   bash scripts/device_checks.sh speed            #   speed at batch 1024 and of experiment=best (about 5 min)
+#   bash scripts/device_checks.sh speed            #   speed at batch 1024 and of experiment=best (about 4 min)
 #   # call 2 at once (the machine is kept 30 s after a call), carry [".device/deps", ".device/full2"], timeout_s 420:
 #   bash scripts/device_checks.sh seeds            #   experiment=best, seeds 0-9, bf16, on all of cifar10-full
 #
 # SUBSET and FULL are folders holding cifar-10-batches-py/ (the stand-ins cifar10-subset and cifar10-full). Each call
-# writes its figures and its log under $OUT (./device-out where OUT is unset), at most 8 files, as the tool returns
-# them; a step that fails is logged and the next one runs. CHECKS_QUICK=1 shrinks every step to a few batches, to
-# rehearse a call on a CPU (`CHECKS_QUICK=1 OUT=/tmp/rehearsal bash scripts/device_checks.sh speed`): its figures
-# mean nothing.
+# writes its figures, its log and the machine's description under $OUT (./device-out where OUT is unset), 7 files at
+# most, as the tool returns them. A step that fails is logged and the next one runs; each step's time limit is cut
+# to what is left of CHECKS_BUDGET seconds (default 400, for a call's timeout_s of 420), and a step with less than
+# 20 s left is skipped, so the log always ends before the tool stops the call. CHECKS_QUICK=1 shrinks every step to
+# a few batches, to rehearse a call on a CPU (its figures mean nothing); CHECKS_DEPS=0 leaves the carried wheels
+# alone, for a Python that has Hydra:
+#   CHECKS_QUICK=1 CHECKS_DEPS=0 PYTHON=.venv/bin/python OUT=/tmp/rehearsal bash scripts/device_checks.sh speed
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
 quick=${CHECKS_QUICK:-0}
+budget=${CHECKS_BUDGET:-400}
 out=${OUT:-device-out}
 py=${PYTHON:-python3}
 
@@ -35,7 +39,7 @@ deps() {  # Hydra, OmegaConf and google-crc32c for the GPU machine's Python 3.12
 }
 
 setup() {  # there: the carried packages beside the machine's own, and this checkout's src/ and scripts/
-    if [ -d .device/deps/whl ] && [ "$quick" != 1 ]; then
+    if [ -d .device/deps/whl ] && [ "${CHECKS_DEPS:-1}" = 1 ]; then
         "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .device/deps/whl/*.whl || exit 1
         cp -r .device/deps/site/. /tmp/site/
@@ -45,8 +49,10 @@ setup() {  # there: the carried packages beside the machine's own, and this chec
     fi
     export PYTHONUNBUFFERED=1
     mkdir -p "$out"
-    exec > >(tee -a "$out/$stage.log") 2>&1
-    echo "== $stage $(date -u +%FT%TZ) on $(hostname); quick=$quick"
+}
+
+machine() {  # what the figures were measured on
+    echo "== $stage $(date -u +%FT%TZ) on $(hostname); quick=$quick, budget ${budget} s"
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"
       grep -m1 'model name' /proc/cpuinfo; nproc
       "$py" -c 'import sys, torch, lightning, hydra; print(sys.version.split()[0], "torch", torch.__version__,
@@ -56,12 +62,58 @@ setup() {  # there: the carried packages beside the machine's own, and this chec
     cat "$out/$stage-machine.txt"
 }
 
-step() {  # step NAME LIMIT_S COMMAND...: run it, log how long it took, go on whatever it returned
-    local name=$1 limit=$2 started=$SECONDS
+step() {  # step NAME LIMIT_S COMMAND...: run it within what is left of the budget, log how long it took, go on
+    local name=$1 limit=$2 started=$SECONDS left=$((budget - SECONDS - 10))
     shift 2
-    echo "== $name: $*" >&2  # to the log, also when the step's output goes to a file of its own
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped, ${left} s of the budget left: $*" >&2
+        return
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+    echo "== $name (at most $limit s): $*" >&2  # to the log, also when the step's output goes to a file of its own
     timeout "$limit" "$@"
     echo "== $name: exit $? after $((SECONDS - started)) s" >&2
+}
+
+speed() {
+    if [ "$quick" = 1 ]; then rep=(--train 4096 --test 1024); bench=(--quick); else
+        rep=(--train 50000 --test 10000); bench=(--epochs 4); fi
+    step unpack 120 "$py" scripts/webp_parts.py unpack /tmp/subset .device/subset/part1
+    step repeat 120 "$py" scripts/repeat_dataset.py /tmp/subset /tmp/rep "${rep[@]}"
+    # kept on the machine for call 2, which brings the other half
+    [ -d .device/full1 ] && rm -rf /tmp/full1 && cp -r .device/full1 /tmp/full1
+    # where the fixed ~50 ms an epoch goes at batch 1024: default callbacks, plain, numpy's BLAS threads as they were
+    step profile-default 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep data.batch_size=1024 \
+        > "$out/profile-epoch-bs1024.txt"
+    step profile-plain 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep data.batch_size=1024 \
+        callbacks=plain > "$out/profile-epoch-bs1024-plain.txt"
+    OPENBLAS_NUM_THREADS=16 step profile-openblas16 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep \
+        data.batch_size=1024 > "$out/profile-epoch-bs1024-openblas16.txt"
+    # cifarlab / bare at 1024 over 3 alternating rounds; then experiment=best (its max-blur pooling) at its own batch
+    # size, 128
+    step bench-1024 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \
+        --rounds 3 data.batch_size=1024 --out "$out/benchmark-gpu-bs1024-rounds.json"
+    step bench-best 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \
+        --rounds 2 experiment=best --out "$out/benchmark-gpu-best-blurmax.json"
+}
+
+seeds() {
+    if [ ! -d /tmp/full1 ]; then
+        echo "error: /tmp/full1 is gone: the machine was given back after call 1; run speed again (or carry"
+        echo "       .device/full1 with this call and copy it to /tmp/full1 first)"
+        return 3
+    fi
+    step unpack 120 "$py" scripts/webp_parts.py unpack /tmp/full /tmp/full1 .device/full2
+    if [ "$quick" = 1 ]; then
+        extra="trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1"; seeds=0-1; jobs=2
+    else
+        extra=""; seeds=0-9; jobs=10
+    fi
+    # No run starts after the deadline, and those still running 20 s after it are stopped; then the runs are scored.
+    local deadline=${CHECKS_DEADLINE:-$((budget - SECONDS - 70))}
+    # ten bf16 runs of experiment=best (max-blur pooling) at once: a run is bound by its host's Python, not the GPU
+    step trials $((deadline + 60)) "$py" scripts/recipe_trials.py --data-root /tmp/full --runs /tmp/trials \
+        --out "$out/trials-best-h200.jsonl" --jobs "$jobs" --seeds "$seeds" --deadline "$deadline" --extra "$extra" base
 }
 
 case $stage in
@@ -75,43 +127,9 @@ prepare)
     mv .device/full/part1 .device/full1 && mv .device/full/part2 .device/full2 && rmdir .device/full
     du -sh .device/*
     ;;
-speed)
+speed | seeds)
     setup
-    if [ "$quick" = 1 ]; then rep=(--train 4096 --test 1024); bench=(--quick); else rep=(); bench=(); fi
-    step unpack 120 "$py" scripts/webp_parts.py unpack /tmp/subset .device/subset/part1
-    step repeat 120 "$py" scripts/repeat_dataset.py /tmp/subset /tmp/rep "${rep[@]}"
-    # kept on the machine for call 2, which brings the other half
-    [ -d .device/full1 ] && rm -rf /tmp/full1 && cp -r .device/full1 /tmp/full1
-    # where the fixed ~50 ms an epoch goes at batch 1024: default callbacks, plain, numpy's BLAS threads as they were
-    step profile-default 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep data.batch_size=1024 \
-        > "$out/profile-epoch-bs1024.txt"
-    step profile-plain 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep data.batch_size=1024 \
-        callbacks=plain > "$out/profile-epoch-bs1024-plain.txt"
-    OPENBLAS_NUM_THREADS=16 step profile-openblas16 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep \
-        data.batch_size=1024 > "$out/profile-epoch-bs1024-openblas16.txt"
-    # cifarlab / bare at 1024 over 3 alternating rounds, and the blurred pooling of experiment=best
-    step bench-1024 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \
-        --rounds 3 data.batch_size=1024 --out "$out/benchmark-gpu-bs1024-rounds.json"
-    step bench-best 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \
-        --rounds 2 experiment=best --out "$out/benchmark-gpu-best-blurmax.json"
-    ;;
-seeds)
-    setup
-    if [ ! -d /tmp/full1 ]; then
-        echo "error: /tmp/full1 is gone: the machine was given back after call 1; run speed again (or carry"
-        echo "       .device/full1 with this call and copy it to /tmp/full1 first)"
-        exit 3
-    fi
-    step unpack 120 "$py" scripts/webp_parts.py unpack /tmp/full /tmp/full1 .device/full2
-    if [ "$quick" = 1 ]; then
-        extra=(--extra "trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1")
-        seeds=0-1; jobs=2; deadline=200
-    else
-        extra=(); seeds=0-9; jobs=10; deadline=330
-    fi
-    # ten bf16 runs of experiment=best (max-blur pooling) at once: a run is bound by its host's Python, not the GPU
-    step trials $((deadline + 60)) "$py" scripts/recipe_trials.py --data-root /tmp/full --runs /tmp/trials \
-        --out "$out/trials-best-h200.jsonl" --jobs "$jobs" --seeds "$seeds" --deadline "$deadline" "${extra[@]}" base
+    { machine; "$stage"; } 2>&1 | tee -a "$out/$stage.log"  # waited for: the log is whole when the call ends
     ;;
 *)
     echo "usage: scripts/device_checks.sh prepare SUBSET FULL | speed | seeds   (see the top of this file)"

@@ -122,6 +122,12 @@ REFUSED = [
      r"callbacks.x.on_fit_start._target_='builtins.print': not an allowed target"),
     (["+callbacks.x._target_=lightning.pytorch.callbacks.LambdaCallback", "+callbacks.x.on_fit_start='${nowhere}'"],
      r"callbacks.x.on_fit_start: Interpolation key 'nowhere' not found"),
+    # an interpolation that does not resolve is refused before any value is read, wherever it is
+    (["model.pool.kernel_size=${nowhere}"], r"^model.pool.kernel_size: Interpolation key 'nowhere' not found"),
+    (["optimizer.weight_decay=${oc.env:CIFARLAB_NO_SUCH_VARIABLE}"],
+     r"^optimizer.weight_decay: Environment variable 'CIFARLAB_NO_SUCH_VARIABLE' not found$"),
+    (["optimizer.lr='${cifarlab.scaled_lr:0.1,256,${data.batch_size},cube}'"],
+     r"^optimizer.lr: scaling rule 'cube' is unknown; use one of linear, sqrt$"),
 ]
 
 
@@ -249,13 +255,15 @@ def test_help_cfg_and_refused_overrides_load_no_lightning_and_make_no_run_folder
 @pytest.mark.parametrize("args", [
     ["trainer.max_epochs=1"],
     ["+note=${hydra:runtime.output_dir}"],  # resolves only inside the run: the run's own check reads it
-    ["resume=run"],  # a resumed run continues with its saved config, checked when it starts
+    ["+hydra.job.env_set.CIFARLAB_LR=0.01", "optimizer.lr=${oc.env:CIFARLAB_LR}"],  # set only inside the run
+    ["resume=run"],
 ])
 def test_the_command_line_passes_a_valid_config_to_the_run(tmp_path, monkeypatch, args):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / run_folder.SAVED_CONFIG).write_text(OmegaConf.to_yaml(compose_config()))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["cifarlab-train", *args])
+    monkeypatch.delenv("CIFARLAB_LR", raising=False)
     started = []
     monkeypatch.setattr(cli, "main", lambda: started.append(sys.argv[1:]))
     cli.cli()

@@ -43,6 +43,9 @@ def test_run_folder_holds_config_events_checkpoints_and_metrics(subset_run):
     assert metrics["epochs"] == 4 and metrics["steps"] == 4 * (metrics["n_train"] // 256)
     assert metrics["epoch_s"] > 0 and metrics["train_img_per_s"] > 0
     assert metrics["data_source"] == "cifar10-copy:cifar10-subset"
+    # Lightning's own lines go to the run's log too (its loggers propagate to Hydra's handlers: cli.check_config)
+    log = (run_dir / "train.log").read_text()
+    assert "[lightning.pytorch.utilities.rank_zero][INFO] - `Trainer.fit` stopped: `max_epochs=4` reached." in log
     assert metrics["choices"]["pool"] == "max" and metrics["choices"]["activation"] == "none"
 
 

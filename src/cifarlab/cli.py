@@ -1,8 +1,9 @@
 """cifarlab-train's command line: what happens before a run starts.
 
-argv -> Hydra's own refusals (an unknown option or key, an unparsable override) in one line -> resume=<run folder>
-read -> the composed config checked (config.check: every value, layer and _target_) -> Hydra composes the config
-again and makes the run folder -> train.main(cfg), the run itself (train.py).
+argv -> Hydra's own refusals (an unknown option or key, an unparsable override) in one line -> the composed config
+checked (config.check: every interpolation, value, layer and _target_; not for resume=, which continues with its
+saved config) -> resume=<run folder> read -> Hydra composes the config again and makes the run folder ->
+train.main(cfg), the run itself (train.py).
 
 Imports no torch or Lightning until the overrides compose: `--help`, `--cfg job` and a mistake in the overrides or in
 resume= are answered in 1-3 s (docs/results/cli-answers/). A mistake in a value loads torch but not Lightning, and is
@@ -12,6 +13,7 @@ refused before Hydra makes a run folder for it; the run pays for the imports onc
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import sys
@@ -113,12 +115,19 @@ def check_config(cfg: DictConfig) -> None:
         return
     from cifarlab import config  # torch: loaded once the overrides compose
 
+    # Lightning, imported while the root logger has no handler, gives its loggers a console handler of their own and
+    # stops them propagating: its lines would miss the run's train.log, which Hydra sets up later. A handler that
+    # drops everything, until Hydra's replace it, keeps Lightning's loggers as they are when it loads inside a run.
+    placeholder = logging.NullHandler()
+    logging.getLogger().addHandler(placeholder)
     try:
         config.check(cfg)
     except config.ConfigError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the traceback, as in train.main
             raise
         raise Refusal(str(e)) from None
+    finally:
+        logging.getLogger().removeHandler(placeholder)
 
 
 def cli() -> None:
@@ -131,7 +140,8 @@ def cli() -> None:
     try:
         if not any(a.startswith("-") for a in args) and not is_ddp_child():  # a DDP rank: rank 0 checked it all
             cfg = composed(others)
-            if cfg is not None and not given:  # a resumed run continues with its saved config
+            # A resumed run continues with its saved config; hydra.job.env_set sets variables only inside the run
+            if cfg is not None and not given and not any("hydra.job.env_set" in a for a in others):
                 check_config(cfg)
         if given and not is_ddp_child():  # a DDP rank re-runs rank 0's rewritten command line as it is
             sys.argv = [sys.argv[0], *resume_overrides(given[-1].split("=", 1)[1], others)]

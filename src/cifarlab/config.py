@@ -14,6 +14,7 @@ import functools
 import importlib
 import inspect
 import math
+import re
 from numbers import Real
 from typing import Any, Callable
 
@@ -432,8 +433,10 @@ def check_targets(cfg: DictConfig) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Everything a user can get wrong in the config, cheapest first: the values, the layers, optimizer and schedule
-    (each built once, with torch alone), then the _target_s, which load Lightning. Reads no data."""
+    """Everything a user can get wrong in the config, cheapest first: interpolations that do not resolve, the values,
+    the layers, optimizer and schedule (each built once, with torch alone), then the _target_s, which load Lightning.
+    Reads no data."""
+    resolved(cfg)
     check_recipe(cfg)
     build_model(cfg.model)
     build_optimizer(cfg.optimizer)
@@ -455,11 +458,18 @@ def _check_nested_targets(cfg: DictConfig) -> None:
             for i, v in enumerate(node):
                 walk(v, f"{path}[{i}]")
 
-    try:  # resolved: an interpolation (${oc.create:...}, say) can hold a _target_ as well
-        resolved = OmegaConf.to_container(cfg, resolve=True)
+    walk(resolved(cfg), "")  # resolved: an interpolation (${oc.create:...}, say) can hold a _target_ as well
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data, every interpolation resolved; one that does not resolve is refused, naming its key."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{getattr(e, 'full_key', None) or 'the config'}: {str(e).splitlines()[0]}") from None
-    walk(resolved, "")
+        key = getattr(e, "full_key", None) or "the config"
+        # "KeyError raised while resolving interpolation: "Environment variable 'X' not found"" -> what went wrong
+        why = re.sub(r'^\w+ raised while resolving interpolation: "?(.*?)"?$', r"\1", str(e).splitlines()[0])
+        raise ConfigError(why if why.startswith(f"{key}: ") else f"{key}: {why}") from None  # scaled_lr names it
 
 
 def choices(cfg: DictConfig, option_names: dict[str, str] | None = None) -> dict[str, Any]:
