@@ -202,6 +202,14 @@ def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message
     assert "Traceback" not in result.stderr + result.stdout
     assert run_dir.exists() == folder_made  # a config mistake is refused before Hydra makes the run folder
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
+    # nor does a refused run's folder pass for a stopped one (config.yaml), which resume= would repeat as it was
+    assert not (run_dir / run_folder.SAVED_CONFIG).exists()
+    if folder_made:
+        with pytest.raises(RunFolderError) as e:
+            run_folder.resume_overrides(str(run_dir), [])
+        assert str(e.value) == (f"resume={run_dir}: that run stopped before it had read its data (no config.yaml), so "
+                                f"there is nothing to continue; start it again: cifarlab-train {shlex.join(overrides)} "
+                                f"hydra.run.dir={run_dir}")
 
 
 @pytest.mark.parametrize("override,message", [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 FINISHED = "metrics.json"  # its presence marks a finished run
 RUNNING = ".running"  # held while a run uses its folder (created exclusively), so two runs never share one
 FAILED = "failed.json"  # a sweep job that raised: its error, so the sweep goes on and the report can say why
-SAVED_CONFIG = "config.yaml"  # the resolved config, written when the run starts; what resume= continues with
+SAVED_CONFIG = "config.yaml"  # the resolved config, written once the run has read its data; what resume= continues with
 
 
 class RunFolderError(ValueError):
@@ -95,6 +96,12 @@ def resume_overrides(folder: str, others: list[str]) -> list[str]:
     if not run_dir.is_dir():
         raise RunFolderError(f"resume={folder}: no such folder; give the run folder a run printed as 'logs: <folder>'")
     if not (run_dir / SAVED_CONFIG).is_file():
+        record = run_dir / ".hydra" / "overrides.yaml"
+        if record.is_file():  # Hydra made it for a run that stopped (was refused, or killed) before it read its data
+            again = [str(o) for o in OmegaConf.load(record)]  # the task's overrides; Hydra's own are not in it
+            raise RunFolderError(f"resume={folder}: that run stopped before it had read its data (no {SAVED_CONFIG}), "
+                                 f"so there is nothing to continue; start it again: cifarlab-train "
+                                 f"{shlex.join([*again, f'hydra.run.dir={run_dir}'])}")
         raise RunFolderError(f"resume={folder}: not a cifarlab run folder (no {SAVED_CONFIG}); give the folder a run "
                              "printed as 'logs: <folder>'")
     if (run_dir / FINISHED).exists():

@@ -275,11 +275,14 @@ def train(
     ckpt_path = resume_point(run_dir, model, sha, owner=not is_ddp_child()) if resume else None
     if cfg.get("init_from") and ckpt_path is None:  # a resumed run's weights come from its checkpoint
         init_weights(model, str(cfg.init_from))
-    if not (run_dir / SAVED_CONFIG).exists() and not is_ddp_child():
-        write_text(run_dir / SAVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))  # what resume= continues with
 
     arrays = load_data(cfg.data, cfg.data.split_seed)
     datamodule = make_datamodule(cfg, arrays)
+    # What resume= continues with, written once the data is read: a run refused for its data (none under data.root,
+    # a data.val_size too large) leaves no config.yaml, so its folder does not pass for a stopped run, which resume=
+    # would repeat with the same data and a new run in the same hydra.run.dir would be refused.
+    if not (run_dir / SAVED_CONFIG).exists() and not is_ddp_child():
+        write_text(run_dir / SAVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.compile:
         model.compile()  # in place: the state_dict keys, and so the checkpoints, stay those of the plain model
     module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing,
