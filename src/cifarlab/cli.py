@@ -111,8 +111,6 @@ def composed(args: list[str]) -> DictConfig | None:
 def check_config(cfg: DictConfig) -> None:
     """config.check before Hydra makes the run folder: a refused config leaves no folder behind that looks like a
     stopped run (.hydra/, train.log), and reaches the user in 3 s rather than 9 (Lightning is not loaded)."""
-    if "${hydra:" in OmegaConf.to_yaml(cfg):  # Hydra's runtime resolves only inside the run, which checks it there
-        return
     from cifarlab import config  # torch: loaded once the overrides compose
 
     # Lightning, imported while the root logger has no handler, gives its loggers a console handler of their own and
@@ -130,6 +128,12 @@ def check_config(cfg: DictConfig) -> None:
         logging.getLogger().removeHandler(placeholder)
 
 
+def checked_in_the_run(cfg: DictConfig, overrides: list[str]) -> bool:
+    """What only the run itself can check: values that read Hydra's runtime (${hydra:...}) or variables that
+    hydra.job.env_set sets, both of which exist only inside the run."""
+    return "${hydra:" in OmegaConf.to_yaml(cfg) or any("hydra.job.env_set" in a for a in overrides)
+
+
 def cli() -> None:
     """cifarlab-train: Hydra's command line, plus resume=<run folder>, which must be read before Hydra picks a
     folder and records a config in it, and every mistake in the overrides refused in one line before Hydra makes a
@@ -140,8 +144,8 @@ def cli() -> None:
     try:
         if not any(a.startswith("-") for a in args) and not is_ddp_child():  # a DDP rank: rank 0 checked it all
             cfg = composed(others)
-            # A resumed run continues with its saved config; hydra.job.env_set sets variables only inside the run
-            if cfg is not None and not given and not any("hydra.job.env_set" in a for a in others):
+            # A resumed run continues with its saved config, which its own start checks
+            if cfg is not None and not given and not checked_in_the_run(cfg, others):
                 check_config(cfg)
         if given and not is_ddp_child():  # a DDP rank re-runs rank 0's rewritten command line as it is
             sys.argv = [sys.argv[0], *resume_overrides(given[-1].split("=", 1)[1], others)]
