@@ -79,6 +79,45 @@ def test_every_pooling_and_figure_tag_is_written(run):
     assert all(len(logged[t]) == 1 for t in INPUT_TAGS)
 
 
+def test_stage_maps_are_stored_grey_and_the_input_views_in_colour(run):
+    run_dir = run[0]
+    stored = {tag: {Image.open(io.BytesIO(e.encoded_image_string)).mode for e in acc.Images(tag)}
+              for acc in accumulators(run_dir) for tag in acc.Tags()["images"]}
+    assert all(stored[t] == {"L"} for t in STAGE_TAGS), stored  # one channel: a third of the pixels to encode
+    assert all(stored[t] == {"RGB"} for t in INPUT_TAGS + FIGURE_TAGS), stored
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_add_png_stores_exactly_the_given_pixels(tmp_path, channels):
+    image = torch.randint(0, 256, (channels, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    writer = SummaryWriter(str(tmp_path))
+    inspection.add_png(writer, "probe", image, 7)
+    writer.close()
+    (acc,) = accumulators(tmp_path)
+    (event,) = acc.Images("probe")
+    assert (event.step, event.height, event.width) == (7, 37, 53)
+    pixels = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+    assert pixels.shape == ((37, 53) if channels == 1 else (37, 53, 3))
+    assert np.array_equal(pixels.reshape(37, 53, channels), image.permute(1, 2, 0).numpy())
+
+
+def test_labelled_grid_puts_each_label_over_its_own_image():
+    colours = [np.full((32, 32, 3), c / 10) for c in range(10)]
+    fig = inspection.labelled_grid(colours, [f"class {c}\n→ other" for c in range(10)], cols=4)
+    (ax,) = fig.axes
+    assert len(ax.images) == 10 and [t.get_text().split("\n")[0] for t in ax.texts] == [f"class {c}" for c in range(10)]
+    for image, text in zip(ax.images, ax.texts):
+        left, right, bottom, top = image.get_extent()  # y grows downwards: top < bottom
+        x, y = text.get_position()
+        assert left < x < right and top - 0.3 < y < top  # centred over its image, just above it
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    for c, image in enumerate(ax.images):  # each image's own grey at the centre of where it says it is
+        left, right, bottom, top = image.get_extent()
+        x, y = ax.transData.transform(((left + right) / 2, (top + bottom) / 2))
+        assert np.abs(pixels[pixels.shape[0] - int(y), int(x)] - 25.5 * c).max() <= 1, c
+
+
 def test_input_views_show_the_same_seeded_validation_images(run, subset_root):
     run_dir, cfg, logged = run
     cb = cfg.callbacks.pooling_images
