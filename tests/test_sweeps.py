@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import itertools
 import json
@@ -195,21 +196,29 @@ def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "ddp"
+    # the default callbacks: every inspection runs in both processes, and writes from rank 0 alone
     result = run_cli("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data=synthetic",
-                     "data.n_train=2000", "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "callbacks=plain",
+                     "data.n_train=2000", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
                      f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir)
     # 1800 training images, 2 processes, batch 256 each: 3 steps an epoch.
     assert metrics["steps"] == 2 * ((metrics["n_train"] // 2) // 256) == 6
     assert result.stdout.count("test/acc ") == 1  # one process reports
-    losses = []
+    losses, images, histograms = [], collections.Counter(), collections.Counter()
     for path in run_dir.glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(path))
+        acc = EventAccumulator(str(path), size_guidance={"images": 0, "histograms": 0})
         acc.Reload()
         if "train/loss" in acc.Tags()["scalars"]:
             losses += [e.step for e in acc.Scalars("train/loss")]
+        images.update((tag, e.step) for tag in acc.Tags()["images"] for e in acc.Images(tag))
+        histograms.update((tag, e.step) for tag in acc.Tags()["histograms"] for e in acc.Histograms(tag))
     assert sorted(losses) == list(range(6))  # each step once, not once per process
+    # at the start (step 0) and after each epoch (steps 3 and 6), once each; the test figures once, at the end
+    assert {step for tag, step in images if tag == "pool/stage1/before"} == {0, 3, 6}
+    assert {tag for tag, _ in images} >= {"pool/input", "pool/stage3/unpool", "test/misclassified"}
+    assert {step for tag, step in histograms if tag == "weights/fc1.weight"} == {0, 3, 6}
+    assert set(images.values()) == set(histograms.values()) == {1}
 
 
 # Test instrument for the DDP processes (found on PYTHONPATH at start-up, before any cifarlab code): counts each

@@ -37,8 +37,10 @@ PNG_LEVEL = 1  # zlib level of the logged images: 1 encodes a stage grid 3-4x fa
 
 
 def tensorboard(trainer: L.Trainer) -> SummaryWriter | None:
+    """The run's TensorBoard writer; None without a TensorBoard logger, and in every DDP process but rank 0, where
+    Lightning hands out a stand-in that ignores every call (and would return None for add_png's file writer)."""
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, TensorBoardLogger) and isinstance(logger.experiment, SummaryWriter):
             return logger.experiment
     return None
 
