@@ -103,6 +103,7 @@ def test_add_png_stores_exactly_the_given_pixels(tmp_path, channels):
 
 def test_labelled_grid_puts_each_label_over_its_own_image():
     colours = [np.full((32, 32, 3), c / 10) for c in range(10)]
+    colours[9][:8] = 0  # a black band at the top of the last image: shown the right way up
     fig = inspection.labelled_grid(colours, [f"class {c}\n→ other" for c in range(10)], cols=4)
     (ax,) = fig.axes
     assert len(ax.images) == 10 and [t.get_text().split("\n")[0] for t in ax.texts] == [f"class {c}" for c in range(10)]
@@ -116,6 +117,9 @@ def test_labelled_grid_puts_each_label_over_its_own_image():
         left, right, bottom, top = image.get_extent()
         x, y = ax.transData.transform(((left + right) / 2, (top + bottom) / 2))
         assert np.abs(pixels[pixels.shape[0] - int(y), int(x)] - 25.5 * c).max() <= 1, c
+    left, right, bottom, top = ax.images[9].get_extent()
+    x, y = ax.transData.transform(((left + right) / 2, top + 0.1 * (bottom - top)))  # a tenth of the way down
+    assert pixels[pixels.shape[0] - int(y), int(x)].max() == 0
 
 
 def test_input_views_show_the_same_seeded_validation_images(run, subset_root):

@@ -48,8 +48,8 @@ def tensorboard(trainer: L.Trainer) -> SummaryWriter | None:
 def add_png(writer: SummaryWriter, tag: str, image: torch.Tensor, step: int) -> None:
     """A uint8 (C, H, W) image, C = 1 (grey) or 3, stored as TensorBoard's image summary, as writer.add_image stores
     it (a PNG made by PIL), minus add_image's costs: a round trip through float32, three channels for a grey image and
-    zlib level 6. The stage grids are logged every epoch, on the host, between epochs: 162 ms an epoch through
-    add_image on a 2-core CPU, 57 ms this way (docs/results/inspection-png/)."""
+    zlib level 6. The stage grids are logged every epoch, on the host, between epochs: 132 ms an epoch through
+    add_image on a 2-core CPU, 50 ms this way (docs/results/inspection-png/)."""
     c, h, w = image.shape
     pixels = image.cpu().permute(1, 2, 0).numpy()
     png = io.BytesIO()
@@ -321,7 +321,7 @@ class EvaluationFigures(Callback):
 
 def labelled_grid(images: list, labels: list[str], cols: int = 8) -> plt.Figure:
     """Images (H, W, 3) in [0, 1], each under its two-line label, `cols` to a row, in one set of axes: a subplot per
-    image made the test-set figures take 2.6 s on a 2-core CPU, one set of axes 1.0 s (docs/results/inspection-png/)."""
+    image made the test-set figures take 2.3 s on a 2-core CPU, one set of axes 0.9 s (docs/results/inspection-png/)."""
     rows = (len(images) + cols - 1) // cols
     fig = plt.figure(figsize=(cols * 1.6, rows * 1.9))
     ax = fig.add_axes((0.005, 0.005, 0.99, 0.99))
