@@ -6,7 +6,7 @@
 #
 #   scripts/device_checks.sh prepare SUBSET FULL   # here, once (5 min): .device/ (git-ignored), 57 + 45 MiB to carry
 #   # call 1, carry [".device/deps", ".device/subset", ".device/full1"], timeout_s 420:
-#   bash scripts/device_checks.sh speed            #   speed at batch 1024 and of experiment=best (about 4 min)
+#   bash scripts/device_checks.sh speed            #   speed at batch 1024, of experiment=best, a whole run (~4 min)
 #   # call 2 at once (the machine is kept 30 s after a call), carry [".device/deps", ".device/full2"], timeout_s 420:
 #   bash scripts/device_checks.sh seeds            #   experiment=best, seeds 0-9, bf16, on all of cifar10-full
 #
@@ -79,6 +79,7 @@ speed() {
     if [ "$quick" = 1 ]; then rep=(--train 4096 --test 1024); bench=(--quick); else
         rep=(--train 50000 --test 10000); bench=(--epochs 4); fi
     step unpack 120 "$py" scripts/webp_parts.py unpack /tmp/subset .device/subset/part1
+    rm -rf /tmp/rep  # a call run again on the same machine: repeat_dataset.py writes only into a new folder
     step repeat 120 "$py" scripts/repeat_dataset.py /tmp/subset /tmp/rep "${rep[@]}"
     # kept on the machine for call 2, which brings the other half
     [ -d .device/full1 ] && rm -rf /tmp/full1 && cp -r .device/full1 /tmp/full1
@@ -95,6 +96,15 @@ speed() {
         --rounds 3 data.batch_size=1024 --out "$out/benchmark-gpu-bs1024-rounds.json"
     step bench-best 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \
         --rounds 2 experiment=best --out "$out/benchmark-gpu-best-blurmax.json"
+    # last, skipped if the budget is short: a whole default run there (its wall time is the step's), and Lightning's
+    # SimpleProfiler means for the inspection's host work between epochs (docs/results/inspection-png/), into the log
+    run=(trainer.max_epochs=3)
+    [ "$quick" = 1 ] && run=(trainer.max_epochs=1 trainer.limit_train_batches=2)
+    rows='PoolingImages\.on_train_(start|epoch_end) |WeightHistograms\.on_train_epoch_end |'
+    rows+='EvaluationFigures\.on_test_epoch_end |run_training_epoch |^test/acc'
+    step inspection 90 bash -c 'rm -rf /tmp/inspection; set -o pipefail
+        "$0" -m cifarlab.cli data.root=/tmp/rep hydra.run.dir=/tmp/inspection +trainer.profiler=simple "${@:2}" 2>&1 |
+        grep -E "$1" | tr -s " \t" " " | sort -u' "$py" "$rows" "${run[@]}"
 }
 
 seeds() {
