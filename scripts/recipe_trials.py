@@ -27,12 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from cifarlab.train import load_data
-from score_slices import test_hits
-
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition("=")
@@ -53,6 +47,11 @@ class Scorer:
         self.arrays: dict[str, object] = {}
 
     def __call__(self, run_dir: Path, ckpt: Path) -> float:
+        from omegaconf import OmegaConf
+
+        from cifarlab.train import load_data
+        from score_slices import test_hits
+
         cfg = OmegaConf.load(run_dir / "config.yaml")
         key = OmegaConf.to_yaml(cfg.data)
         if key not in self.arrays:
@@ -82,6 +81,9 @@ def main() -> None:
     if len(variants) != len(args.variants):
         sys.exit("two variants have the same name")
     queue = [(name, seed) for seed in parse_seeds(args.seeds) for name in variants]
+    import cifarlab  # noqa: F401  (its thread settings before torch loads); torch and Lightning only for a real study
+    import torch
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     score = Scorer(device)
     args.runs.mkdir(parents=True, exist_ok=True)
