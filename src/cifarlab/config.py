@@ -416,9 +416,9 @@ def check_recipe(cfg: DictConfig) -> None:
                           "last (the weights training ended with)")
 
 
-def check_targets(cfg: DictConfig) -> None:
+def check_targets(cfg: DictConfig, plain: dict[str, Any]) -> None:
     """The callbacks, loggers and trainer: each _target_ allowed and importable (which loads Lightning), each callback
-    usable with steps_per_call; then every _target_ at any depth."""
+    usable with steps_per_call; then every _target_ at any depth of `plain`, the config resolved (resolved(cfg))."""
     per_call = cfg.get("steps_per_call", 1)
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is not None:
@@ -429,22 +429,22 @@ def check_targets(cfg: DictConfig) -> None:
         if node is not None:
             resolve_target(node.get("_target_"), f"logger.{name}")
     resolve_target(cfg.trainer.get("_target_"), "trainer")
-    _check_nested_targets(cfg)
+    _check_nested_targets(plain)
 
 
 def check(cfg: DictConfig) -> None:
     """Everything a user can get wrong in the config, cheapest first: interpolations that do not resolve, the values,
     the layers, optimizer and schedule (each built once, with torch alone), then the _target_s, which load Lightning.
     Reads no data."""
-    resolved(cfg)
+    plain = resolved(cfg)
     check_recipe(cfg)
     build_model(cfg.model)
     build_optimizer(cfg.optimizer)
     build_scheduler(cfg.scheduler)
-    check_targets(cfg)
+    check_targets(cfg, plain)
 
 
-def _check_nested_targets(cfg: DictConfig) -> None:
+def _check_nested_targets(plain: dict[str, Any]) -> None:
     """Every _target_ in the config, at any depth, must pass the allowlist: Hydra's instantiate builds nested ones
     too (a LambdaCallback's hook given as {_target_: ...}, say), and would call them before training starts."""
 
@@ -458,7 +458,7 @@ def _check_nested_targets(cfg: DictConfig) -> None:
             for i, v in enumerate(node):
                 walk(v, f"{path}[{i}]")
 
-    walk(resolved(cfg), "")  # resolved: an interpolation (${oc.create:...}, say) can hold a _target_ as well
+    walk(plain, "")  # resolved: an interpolation (${oc.create:...}, say) can hold a _target_ as well
 
 
 def resolved(cfg: DictConfig) -> dict[str, Any]:
