@@ -88,6 +88,8 @@ REFUSED = [
     (["channels_last=maybe"], r"channels_last='maybe': must be true or false"),
     (["compile=1"], r"compile=1: must be true or false"),
     (["test_flips=yes"], r"test_flips='yes': must be true or false"),
+    (["data.download=no"], r"data.download='no': must be true or false"),  # bool('no') would download
+    (["data.normalize=1"], r"data.normalize=1: must be true or false"),
     (["test_shift=-1"], r"test_shift=-1: must be an int in \[0, 8\] \(px; 0 = no shifted test views\)"),
     (["test_shift=12"], r"test_shift=12: must be an int in \[0, 8\]"),
     (["test_checkpoint=median"], r"test_checkpoint='median': must be best \(the epoch with the highest val/acc\) or last"),
@@ -186,8 +188,9 @@ def test_every_target_in_configs_is_allowed():
         (["model.pool=avg"], "(a slash, not a dot)", False),
         (["data.name=imagenet"], "data.name='imagenet': must be one of cifar10, synthetic", False),
         (["callbacks.epoch_timer._target_=os.system"], "callbacks.epoch_timer._target_='os.system': not an", False),
+        # where the data folder holds no CIFAR-10: found without reading a file, before the run folder is made
+        (["data.root=/no/such/folder", "data.download=false"], "CIFAR-10 not found: looked for /no/such/folder", False),
         # found once the data is read: the run folder is made by then, and its train.log says why it stopped
-        (["data.root=/no/such/folder", "data.download=false"], "CIFAR-10 not found: looked for /no/such/folder", True),
         (["data=synthetic", "data.n_train=300", "data.val_size=300"],
          "data.val_size=300 leaves 300 validation and 0 training images of 300; use a fraction in (0, 1) or a smaller",
          True),
@@ -212,6 +215,25 @@ def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message
                                 f"hydra.run.dir={run_dir}")
 
 
+def test_cli_refuses_a_data_folder_missing_files_before_making_a_run_folder(tmp_path):
+    from cifarlab import data
+
+    folder = tmp_path / "cifar" / data.FOLDER
+    folder.mkdir(parents=True)
+    for name in data.FILES:
+        if name not in ("data_batch_4", "test_batch"):
+            (folder / name).write_bytes(b"")  # only their names are looked at before the run
+    run_dir = tmp_path / "run"
+    for root in ("cifar", f"cifar/{data.FOLDER}"):  # relative to where the command runs; or the batches folder itself
+        result = run_cli(f"data.root={root}", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            f"error: {folder}/data_batch_4: file missing (and test_batch); the folder must hold batches.meta, "
+            "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch")
+        assert not run_dir.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(set(data.FILES) - {"data_batch_4", "test_batch"})
+
+
 @pytest.mark.parametrize("override,message", [
     ("model/pool=median", "error: model/pool=median: no such option (no configs/model/pool/median.yaml); choose one "
                           "of: avg, blurmax, lp, max"),
@@ -230,12 +252,14 @@ def test_unknown_options_and_keys_are_refused_in_one_line_with_the_choices(tmp_p
 # What cifarlab-train answers before a run starts, the exit status of each, and the heavy modules it loads for it:
 # torch, torchvision, torchmetrics and Lightning took 9.5 s to import on the 2-core test machine, torch alone 2.3 s
 # (docs/results/cli-answers/). A mistake in the overrides or in resume= needs none of them; a mistake in a value
-# needs torch (its checks build the layers), not Lightning.
+# needs torch (its checks build the layers), not Lightning, nor does a data folder without CIFAR-10 (torchvision
+# names the files it must hold).
 ANSWERED_BEFORE_A_RUN = [(["--help"], 0, "none"), (["--cfg", "job", "model/pool=avg"], 0, "none"),
                          (["model/pool=median"], 2, "none"), (["model.pool.kernel_sizee=3"], 2, "none"),
                          (["model.pool.kernel_size=[3"], 2, "none"), (["resume=no/such/run"], 2, "none"),
                          (["resume=run", "trainer.max_epochs=20"], 2, "none"),
                          (["model.pool.kernel_size=40"], 2, "torch"), (["data.name=imagenet"], 2, "torch"),
+                         (["data.root=no/such/folder", "data.download=false"], 2, "torch,torchvision"),
                          (["experiment=best", "model/pool=lp"], 2, "torch"), (["optimizer.lr=0"], 2, "torch")]
 ANSWER_IN_THIS_PROCESS = r"""
 import sys

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import data
+from cifarlab import data, datamodule
 from cifarlab.data import DataError, DeviceBatches, Normalize
 
 UNREACHABLE = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # refused at once: no test ever downloads
@@ -91,6 +91,26 @@ def test_offline_without_data_says_where_it_looked_and_what_to_do(tmp_path):
     assert "download from http://127.0.0.1:9" in msg and "Connection refused" in msg
     assert "data.root" in msg and "CIFARLAB_DATA" in msg and "data=synthetic" in msg
     assert not root.exists()  # no empty folder left behind
+
+
+def test_find_says_what_the_run_will_use_and_touches_nothing(tmp_path):
+    folder = make_folder(tmp_path / "complete")
+    assert data.find(tmp_path / "complete", download=False) == folder
+    assert data.find(folder, download=False) == folder  # pointed at the batches folder itself
+    (tmp_path / "packed").mkdir()
+    (tmp_path / "packed" / data.ARCHIVE).write_bytes(b"unpacked only by the run")
+    assert data.find(tmp_path / "packed", download=False) == tmp_path / "packed" / data.ARCHIVE
+    assert data.find(tmp_path / "empty", download=True) is None  # the run downloads
+    with pytest.raises(DataError, match=r"CIFAR-10 not found: .*empty/cifar-10-batches-py/ .*data.download=false"):
+        data.find(tmp_path / "empty", download=False)
+    for name in ("batches.meta", "data_batch_5"):
+        (folder / name).unlink()
+    with pytest.raises(DataError) as e:
+        data.find(folder, download=True)  # a download would not complete a folder that is there
+    assert str(e.value) == (f"{folder}/batches.meta: file missing (and data_batch_5); the folder must hold "
+                            f"{', '.join(data.FILES)}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["complete", "packed"]
+    assert [p.name for p in (tmp_path / "packed").iterdir()] == [data.ARCHIVE]
 
 
 def test_download_false_does_not_try(tmp_path):
@@ -335,7 +355,7 @@ def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatc
 def test_training_views_are_cut_from_the_training_split_without_a_copy_of_it():
     """The training split is kept channels_last, so the (N, H, W, C) pixel rows the views are cut from are the split
     itself, not a second copy of it in device memory."""
-    dm = data.CifarDataModule(data.make_synthetic(300, 10, noise=0.5, seed=0), n_val=50, split_seed=0, batch_size=32,
+    dm = datamodule.CifarDataModule(data.make_synthetic(300, 10, noise=0.5, seed=0), n_val=50, split_seed=0, batch_size=32,
                               eval_batch_size=64, normalize=True, flip="alternate", crop_padding=4, seed=0)
     batches = dm._train_batches()
     assert dm.train_x.is_contiguous(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cifarlab import board, config, data, inspection
+from cifarlab import board, config, data, datamodule, inspection
 from conftest import REPO, compose_config, option_names, read_metrics, run_cli
 
 PAD = inspection.GRID_PADDING
@@ -126,7 +126,7 @@ def test_input_views_show_the_same_seeded_validation_images(run, subset_root):
     run_dir, cfg, logged = run
     cb = cfg.callbacks.pooling_images
     arrays = data.load_cifar10(subset_root, download=False)
-    dm = data.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
+    dm = datamodule.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
                               256, 1000, True, False, 0, 0)
     expected = dm.val_x[inspection.pick_images(dm.val_y, cb.per_class, cb.seed)]  # (20, 3, 32, 32) uint8
     assert sorted(dm.val_y[inspection.pick_images(dm.val_y, cb.per_class, cb.seed)].tolist()) == sorted(

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarlab import config, data, train
+from cifarlab import config, data, datamodule, train
 from cifarlab.model import count_parameters
 from conftest import compose_config, option_names, read_metrics, run_cli
 
@@ -86,7 +86,7 @@ def test_test_accuracy_is_the_best_checkpoints(subset_run, subset_root):
     state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     arrays = data.load_cifar10(subset_root, download=False)
-    dm = data.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
+    dm = datamodule.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
                               256, 1000, True, False, 0, 0)
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dm.test_dataloader())

@@ -404,9 +404,10 @@ def check_recipe(cfg: DictConfig) -> None:
     precision = cfg.trainer.get("precision", "auto")
     if precision not in PRECISIONS:
         raise ConfigError(f"trainer.precision={_fmt(precision)}: must be one of {', '.join(PRECISIONS)}")
-    for key in ("channels_last", "compile", "test_flips"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise ConfigError(f"{key}={_fmt(cfg.get(key))}: must be true or false")
+    for key in ("channels_last", "compile", "test_flips", "data.normalize", "data.download"):
+        value = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={_fmt(value)}: must be true or false")
     shift = cfg.get("test_shift", 0)
     if not (_is_int(shift) and 0 <= shift <= 8):
         raise ConfigError(f"test_shift={_fmt(shift)}: must be an int in [0, 8] (px; 0 = no shifted test views)")
@@ -433,15 +434,20 @@ def check_targets(cfg: DictConfig, plain: dict[str, Any]) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Everything a user can get wrong in the config, cheapest first: interpolations that do not resolve, the values,
-    the layers, optimizer and schedule (each built once, with torch alone), then the _target_s, which load Lightning.
-    Reads no data."""
+    """Everything a user can get wrong in the config, cheapest first: check_values, then the _target_s, which load
+    Lightning. Reads no data."""
+    check_targets(cfg, check_values(cfg))
+
+
+def check_values(cfg: DictConfig) -> dict[str, Any]:
+    """Interpolations that do not resolve, the values, the layers, optimizer and schedule (each built once, with torch
+    alone). Returns the config resolved, for check_targets."""
     plain = resolved(cfg)
     check_recipe(cfg)
     build_model(cfg.model)
     build_optimizer(cfg.optimizer)
     build_scheduler(cfg.scheduler)
-    check_targets(cfg, plain)
+    return plain
 
 
 def _check_nested_targets(plain: dict[str, Any]) -> None:

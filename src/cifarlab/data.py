@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +28,7 @@ ARCHIVE = "cifar-10-python.tar.gz"
 TRAIN_FILES = CIFAR10.train_list
 TEST_FILES = CIFAR10.test_list
 META = CIFAR10.meta  # {"filename": "batches.meta", "key": "label_names", "md5": ...}
+FILES = [META["filename"]] + [name for name, _ in TRAIN_FILES + TEST_FILES]  # what the batches folder must hold
 IMAGE_SHAPE = (3, 32, 32)
 
 
@@ -94,7 +94,7 @@ def _unpickle(path: Path) -> dict:
 
 
 def _expected_files() -> str:
-    return ", ".join([META["filename"]] + [n for n, _ in TRAIN_FILES + TEST_FILES])
+    return ", ".join(FILES)
 
 
 def read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,30 +136,51 @@ def _files_differing_from_official(folder: Path) -> list[str]:
 # Finding (or downloading) the files
 
 
+def find(root: Path, download: bool) -> Path | None:
+    """Where under root the files are, touching nothing: the cifar-10-batches-py folder (holding every file), the
+    official archive to unpack, or None for a download to fetch. A DataError where they are not and data.download is
+    false, or where the folder lacks a file. cifarlab-train asks before Hydra makes a run folder; locate() again."""
+    if root.name == FOLDER and root.is_dir():  # pointed straight at the batches folder
+        folder = root
+    elif (root / FOLDER).is_dir():
+        folder = root / FOLDER
+    elif (root / ARCHIVE).is_file():
+        return root / ARCHIVE
+    elif download:
+        return None
+    else:
+        raise DataError(f"CIFAR-10 not found: {_looked_for(root)}; data.download=false. {_HOW}")
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        others = f" (and {', '.join(missing[1:])})" if missing[1:] else ""
+        raise DataError(f"{folder / missing[0]}: file missing{others}; the folder must hold {_expected_files()}")
+    return folder
+
+
+def _looked_for(root: Path) -> str:
+    return f"looked for {root / FOLDER}/ and {root / ARCHIVE}"
+
+
+_HOW = ("Point data.root (or the CIFARLAB_DATA variable) at a folder holding cifar-10-batches-py/ or "
+        "cifar-10-python.tar.gz, or run data=synthetic for a smoke run on made-up images.")
+
+
 def locate(root: Path, download: bool, url: str, md5: str) -> Path:
     """The cifar-10-batches-py folder under root, unpacking or downloading the official archive if needed."""
-    if root.name == FOLDER and root.is_dir():  # pointed straight at the batches folder
-        return root
-    folder, archive = root / FOLDER, root / ARCHIVE
-    if folder.is_dir():
-        return folder
-    if archive.is_file():
-        if calculate_md5(str(archive)) != md5:
-            log.warning("%s: md5 differs from the official archive (%s); unpacking it anyway", archive, md5)
+    found = find(root, download)
+    folder = root / FOLDER
+    if found is not None and found.is_dir():
+        return found
+    if found is not None:  # the archive
+        if calculate_md5(str(found)) != md5:
+            log.warning("%s: md5 differs from the official archive (%s); unpacking it anyway", found, md5)
         try:
-            extract_archive(str(archive), str(root))
+            extract_archive(str(found), str(root))
         except Exception as e:
-            raise DataError(f"{archive}: cannot unpack ({type(e).__name__}: {e}); delete it to download again") from None
+            raise DataError(f"{found}: cannot unpack ({type(e).__name__}: {e}); delete it to download again") from None
         if not folder.is_dir():
-            raise DataError(f"{archive}: unpacked, but it holds no {FOLDER}/ folder")
+            raise DataError(f"{found}: unpacked, but it holds no {FOLDER}/ folder")
         return folder
-    where = f"looked for {folder}/ and {archive}"
-    how = (
-        "Point data.root (or the CIFARLAB_DATA variable) at a folder holding cifar-10-batches-py/ or "
-        "cifar-10-python.tar.gz, or run data=synthetic for a smoke run on made-up images."
-    )
-    if not download:
-        raise DataError(f"CIFAR-10 not found: {where}; data.download=false. {how}")
     log.info("CIFAR-10 not found under %s: downloading %s", root, url)
     created = not root.exists()
     try:
@@ -168,7 +189,8 @@ def locate(root: Path, download: bool, url: str, md5: str) -> Path:
         if created and root.is_dir() and not any(root.iterdir()):
             root.rmdir()  # leave no empty folder behind a failed download
         raise DataError(
-            f"CIFAR-10 not found ({where}) and the download from {url} failed ({type(e).__name__}: {e}). {how}"
+            f"CIFAR-10 not found ({_looked_for(root)}) and the download from {url} failed ({type(e).__name__}: {e}). "
+            f"{_HOW}"
         ) from None
     return folder
 
@@ -439,95 +461,3 @@ def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std in [0, 1] units of uint8 images (N, 3, H, W)."""
     x = images.double().div_(255).transpose(0, 1).reshape(images.shape[1], -1)  # (3, N*H*W)
     return x.mean(1).float(), x.std(1).float()
-
-
-class CifarDataModule(L.LightningDataModule):
-    """Holds the three splits as uint8 tensors on the training device and hands out DeviceBatches."""
-
-    def __init__(
-        self,
-        arrays: CifarArrays,
-        n_val: int,
-        split_seed: int,
-        batch_size: int,
-        eval_batch_size: int,
-        normalize: bool,
-        flip: bool | str,
-        crop_padding: int,
-        seed: int,
-        channels_last: bool = False,
-        steps_per_call: int = 1,
-        limit_train_batches: int | float | None = None,
-    ):
-        super().__init__()
-        self.steps_per_call, self.limit_train_batches = steps_per_call, limit_train_batches
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.arrays, self.n_val, self.split_seed, self.seed = arrays, n_val, split_seed, seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.flip, self.crop_padding = flip, crop_padding
-        train_idx, val_idx = split_indices(len(arrays.train_y), n_val, split_seed)
-        # channels_last: the training views are cut from whole pixel rows (DeviceBatches.pixel_rows) without a copy
-        self.train_x = arrays.train_x[train_idx].contiguous(memory_format=torch.channels_last)
-        self.train_y = arrays.train_y[train_idx]
-        self.val_x, self.val_y = arrays.train_x[val_idx], arrays.train_y[val_idx]
-        self.test_x, self.test_y = arrays.test_x, arrays.test_y
-        if normalize:  # statistics of the training split itself, so stand-in or synthetic data is centred too
-            self.normalizer = Normalize(*channel_stats(self.train_x))
-        else:
-            self.normalizer = Normalize(torch.zeros(3), torch.ones(3))
-        self._device: torch.device | None = None
-
-    @property
-    def classes(self) -> list[str]:
-        return self.arrays.classes
-
-    def setup(self, stage: str) -> None:
-        # Move every split to the training device once; afterwards a batch is an index into device memory.
-        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        if device != self._device:
-            for name in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y"):
-                setattr(self, name, getattr(self, name).to(device))
-            self.normalizer = self.normalizer.to(device)
-            self._device = device
-
-    def _epoch(self) -> int:
-        return self.trainer.current_epoch if self.trainer is not None else 0
-
-    def _shard(self) -> dict[str, int]:
-        if self.trainer is None:
-            return {"rank": 0, "world": 1}
-        return {"rank": self.trainer.global_rank, "world": self.trainer.world_size}
-
-    def train_batches(self) -> int:
-        """Training batches (optimizer steps without accumulation) per epoch on this process."""
-        return len(self._train_batches())
-
-    def group_batches(self, group_idx: int) -> range:
-        """The epoch's training batches (their indices) in the group Lightning hands the module as batch group_idx."""
-        first = group_idx * self.steps_per_call
-        return range(first, min(first + self.steps_per_call, self.train_batches()))
-
-    def train_dataloader(self) -> StepGroups:
-        return StepGroups(self._train_batches(), self.steps_per_call)
-
-    def _train_batches(self) -> DeviceBatches:
-        return DeviceBatches(
-            self.train_x,
-            self.train_y,
-            self.batch_size,
-            self.normalizer,
-            train=True,
-            seed=self.seed,
-            epoch=self._epoch,
-            flip=self.flip,
-            crop_padding=self.crop_padding,
-            memory_format=self.memory_format,
-            limit=self.limit_train_batches,
-            **self._shard(),
-        )
-
-    def val_dataloader(self) -> DeviceBatches:
-        return DeviceBatches(self.val_x, self.val_y, self.eval_batch_size, self.normalizer, **self._shard())
-
-    def test_dataloader(self) -> DeviceBatches:
-        return DeviceBatches(self.test_x, self.test_y, self.eval_batch_size, self.normalizer, **self._shard())

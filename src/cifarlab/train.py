@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab import checkpoint, checksums, config, data, inspection
+from cifarlab import checkpoint, checksums, config, data, datamodule, inspection
 from cifarlab.checkpoint import CheckpointError
 from cifarlab.cli import refuse
 from cifarlab.config import ConfigError
@@ -80,7 +80,7 @@ def load_data(data_cfg: DictConfig, seed: int) -> data.CifarArrays:
 def settle(cfg: DictConfig) -> DictConfig:
     """Make the run independent of where it is resumed from: the data folder as an absolute path."""
     if cfg.data.get("root") is not None:
-        cfg.data.root = to_absolute_path(str(cfg.data.root))
+        cfg.data.root = to_absolute_path(str(Path(str(cfg.data.root)).expanduser()))
     if cfg.get("init_from"):
         cfg.init_from = to_absolute_path(str(cfg.init_from))
     return cfg
@@ -200,13 +200,13 @@ def resume_point(run_dir: Path, model: torch.nn.Module, sha: str, owner: bool = 
     return str(last)
 
 
-def make_datamodule(cfg: DictConfig, arrays: data.CifarArrays) -> data.CifarDataModule:
+def make_datamodule(cfg: DictConfig, arrays: data.CifarArrays) -> datamodule.CifarDataModule:
     """The run's splits, normalisation and augmentation over the loaded arrays (data.* and seed of cfg)."""
     try:
         n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
     except ValueError as e:
         raise ConfigError(f"data.val_size={e}; use a fraction in (0, 1) or a smaller count") from None
-    return data.CifarDataModule(
+    return datamodule.CifarDataModule(
         arrays,
         n_val=n_val,
         split_seed=cfg.data.split_seed,

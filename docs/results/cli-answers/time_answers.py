@@ -18,7 +18,9 @@ from pathlib import Path
 CASES = [["--help"], ["--cfg", "job", "model/pool=avg"], ["model.pool.kernel_sizee=3"], ["resume=no/such/run"],
          # refused by config.py: a value (torch builds the layers), a _target_ (Lightning's classes are looked up)
          ["model.pool.kernel_size=4", "model.pool.stride=4", "hydra.run.dir=refused"],
-         ["callbacks.epoch_timer._target_=os.system", "hydra.run.dir=refused"]]
+         ["callbacks.epoch_timer._target_=os.system", "hydra.run.dir=refused"],
+         # no CIFAR-10 under data.root, and no download: refused by cli.check_data since 2026-12-03, in the run before
+         ["data.root=no/such/folder", "data.download=false", "hydra.run.dir=refused"]]
 ROUNDS = 5
 
 
