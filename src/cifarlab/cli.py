@@ -2,8 +2,8 @@
 
 argv -> Hydra's own refusals (an unknown option or key, an unparsable override) in one line -> the composed config
 checked (config.check: every interpolation, value, layer and _target_; check_data: the data folder; not for resume=,
-which continues with its saved config) -> resume=<run folder> read -> Hydra composes the config again and makes the run folder ->
-train.main(cfg), the run itself (train.py).
+which continues with its saved config) -> resume=<run folder> read -> Hydra composes the config again and makes the
+run folder -> train.main(cfg), the run itself (train.py).
 
 Imports no torch or Lightning until the overrides compose: `--help`, `--cfg job` and a mistake in the overrides or in
 resume= are answered in 1-3 s (docs/results/cli-answers/). A mistake in a value loads torch but not Lightning, and is

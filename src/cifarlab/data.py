@@ -169,29 +169,30 @@ def locate(root: Path, download: bool, url: str, md5: str) -> Path:
     """The cifar-10-batches-py folder under root, unpacking or downloading the official archive if needed."""
     found = find(root, download)
     folder = root / FOLDER
-    if found is not None and found.is_dir():
-        return found
-    if found is not None:  # the archive
-        if calculate_md5(str(found)) != md5:
-            log.warning("%s: md5 differs from the official archive (%s); unpacking it anyway", found, md5)
+    if found is None:
+        log.info("CIFAR-10 not found under %s: downloading %s", root, url)
+        created = not root.exists()
         try:
-            extract_archive(str(found), str(root))
+            download_and_extract_archive(url, download_root=str(root), filename=ARCHIVE, md5=md5)
         except Exception as e:
-            raise DataError(f"{found}: cannot unpack ({type(e).__name__}: {e}); delete it to download again") from None
-        if not folder.is_dir():
-            raise DataError(f"{found}: unpacked, but it holds no {FOLDER}/ folder")
+            if created and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # leave no empty folder behind a failed download
+            raise DataError(
+                f"CIFAR-10 not found ({_looked_for(root)}) and the download from {url} failed "
+                f"({type(e).__name__}: {e}). {_HOW}"
+            ) from None
         return folder
-    log.info("CIFAR-10 not found under %s: downloading %s", root, url)
-    created = not root.exists()
+    if found.is_dir():
+        return found
+    # the official archive, there to unpack
+    if calculate_md5(str(found)) != md5:
+        log.warning("%s: md5 differs from the official archive (%s); unpacking it anyway", found, md5)
     try:
-        download_and_extract_archive(url, download_root=str(root), filename=ARCHIVE, md5=md5)
+        extract_archive(str(found), str(root))
     except Exception as e:
-        if created and root.is_dir() and not any(root.iterdir()):
-            root.rmdir()  # leave no empty folder behind a failed download
-        raise DataError(
-            f"CIFAR-10 not found ({_looked_for(root)}) and the download from {url} failed ({type(e).__name__}: {e}). "
-            f"{_HOW}"
-        ) from None
+        raise DataError(f"{found}: cannot unpack ({type(e).__name__}: {e}); delete it to download again") from None
+    if not folder.is_dir():
+        raise DataError(f"{found}: unpacked, but it holds no {FOLDER}/ folder")
     return folder
 
 
