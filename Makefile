@@ -1,16 +1,19 @@
-# Two commands do all the set-up: `make train` and `make test` create .venv on first use.
+# Two commands do all the set-up: `make train` and `make test` create .venv on first use. The first time downloads
+# about 2.6 GB (torch and NVIDIA's CUDA libraries; pip shows its progress) into 5.9 GB of .venv. Python 3.11+.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOGDIR ?= outputs
 
-.PHONY: train test install clean-venv
+.PHONY: train test tensorboard install clean-venv
 
 # Re-install when the declared dependencies change.
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else f"error: cifarlab needs Python 3.11 or newer; $(PYTHON) is {v.major}.{v.minor} (give another: make PYTHON=python3.11 ...)")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,9 +22,13 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/cifarlab-train $(ARGS)
 
-# Extra pytest arguments: make test ARGS="-k model -x"
+# Extra pytest arguments: make test ARGS="-k model -x"; ARGS="-m 'not slow'" leaves out the tests of scripts/
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# TensorBoard on outputs/ (or LOGDIR=<a run or sweep folder>), on 127.0.0.1 and a free port it prints first
+tensorboard: $(STAMP)
+	$(BIN)/cifarlab-tensorboard $(LOGDIR) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

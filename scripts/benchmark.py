@@ -3,7 +3,7 @@
 
   bare       a plain PyTorch loop over pre-loaded device tensors: the same model, batch size, precision and memory
              format as cifarlab, no augmentation, no Lightning, no logging. The limit.
-  cifarlab   the real pipeline: cifarlab.train.train() with the default config (Lightning, augmentation on the
+  cifarlab   the real pipeline: cifarlab.train.run() with the default config (Lightning, augmentation on the
              device, TensorBoard logging and the inspection callbacks), on the same data.
   tutorial   the seed tutorial's recipe: torchvision.datasets.CIFAR10 with ToTensor, DataLoader(batch_size=64,
              shuffle=True), the usual loop with SGD lr 0.01 (torchvision's md5 check bypassed for stand-in files).
@@ -94,19 +94,19 @@ class BareLoop:
     pre-normalised device tensors. No Lightning, no augmentation, no logging: step(idx) is the whole training step."""
 
     def __init__(self, cfg, arrays, device: torch.device):
-        from cifarlab import config, data, train
+        from cifarlab import batches, build, prepare
 
         torch.manual_seed(cfg.seed)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.model = config.build_model(cfg.model).to(device, memory_format=fmt)
+        self.model = build.network(cfg.model).to(device, memory_format=fmt)
         if cfg.compile:
             self.model.compile()
-        precision = train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+        precision = prepare.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
         self.autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is torch.float16)
-        self.optimizer = config.build_optimizer(cfg.optimizer)(self.model.parameters())
+        self.optimizer = build.optimizer(cfg.optimizer)(self.model.parameters())
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        norm = data.Normalize(*data.channel_stats(arrays.train_x)).to(device)
+        norm = batches.Normalize(*batches.channel_stats(arrays.train_x)).to(device)
         self.train_x = norm(arrays.train_x.to(device)).contiguous(memory_format=fmt)  # (N, 3, 32, 32), normalised once
         self.train_y = arrays.train_y.to(device)
         self.test_x = norm(arrays.test_x.to(device)).contiguous(memory_format=fmt)
@@ -149,15 +149,15 @@ def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None
 
 
 def cifarlab(overrides: list[str], epochs: int, max_batches: int | None, device: torch.device) -> dict:
-    from cifarlab import train
+    from cifarlab import prepare, train
 
     limits = [] if max_batches is None else [f"trainer.limit_train_batches={max_batches}",
                                               f"trainer.limit_val_batches={max_batches}",
                                               f"trainer.limit_test_batches={max_batches}"]
-    cfg = train.settle(compose([*overrides, f"trainer.max_epochs={epochs}", *limits]))
+    cfg = prepare.settle(compose([*overrides, f"trainer.max_epochs={epochs}", *limits]))
     reset_peak(device)
     with tempfile.TemporaryDirectory() as tmp:
-        metrics = train.train(cfg, Path(tmp))
+        metrics = train.run(cfg, Path(tmp))
     return summarize(metrics["train_img_per_s_by_epoch"], metrics["test_img_per_s"], device,
                      batch_size=int(cfg.data.batch_size))
 
@@ -180,7 +180,7 @@ class Tutorial:
         from torch.utils.data import DataLoader
         from torchvision.transforms import ToTensor
 
-        from cifarlab import config
+        from cifarlab import build
 
         torch.manual_seed(0)
         root = Path(data_root)
@@ -190,7 +190,7 @@ class Tutorial:
         pin = device.type == "cuda"
         self.train_loader = DataLoader(train_set, batch_size=64, shuffle=True, pin_memory=pin)
         self.test_loader = DataLoader(test_set, batch_size=64, pin_memory=pin)
-        self.model = config.build_model(compose(["experiment=tutorial"]).model).to(device)  # the documented network
+        self.model = build.network(compose(["experiment=tutorial"]).model).to(device)  # the documented network
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.criterion = nn.CrossEntropyLoss()
         self.device = device
@@ -298,13 +298,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     epochs, max_batches = (2, 3) if args.quick else (args.epochs, None)
 
-    from cifarlab import data, train
+    from cifarlab import batches, cifar10, prepare
 
     overrides = [f"data.root={Path(args.data_root).resolve()}", f"threads={torch.get_num_threads()}", *args.overrides]
     cfg = compose(overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    arrays = data.load_cifar10(cfg.data.root, download=False)
-    n_val = data.val_count(cfg.data.val_size, len(arrays.train_y))
+    arrays = cifar10.load_cifar10(cfg.data.root, download=False)
+    n_val = batches.val_count(cfg.data.val_size, len(arrays.train_y))
     arrays.train_x, arrays.train_y = arrays.train_x[n_val:], arrays.train_y[n_val:]  # as many images as cifarlab's
 
     run = {
@@ -343,7 +343,7 @@ def main() -> None:
         "epochs": epochs,
         "rounds": args.rounds,
         "data_source": arrays.source,
-        "precision": train.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator)),
+        "precision": prepare.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator)),
         "channels_last": bool(cfg.channels_last),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # huge CPU pages: cifarlab sets "1"
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),  # numpy's BLAS threads: cifarlab sets "1"

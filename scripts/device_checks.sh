@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements issue #6 still lacks, prepared as two calls of this workplace's `device` tool (one H200, 15
+# The GPU measurements still to make, prepared as two calls of this workplace's `device` tool (one H200, 15
 # minutes of device time a session; docs/performance.md, "The next GPU session: two prepared calls"). That machine
 # has torch, Lightning, TensorBoard and torchmetrics but not Hydra, and receives at most 64 MiB a call, so `prepare`
 # packs what must travel:
 #
 #   scripts/device_checks.sh prepare SUBSET FULL   # here, once (5 min): .device/ (git-ignored), 57 + 45 MiB to carry
 #   # call 1, carry [".device/deps", ".device/subset", ".device/full1"], timeout_s 420:
-#   bash scripts/device_checks.sh speed            #   speed at batch 1024, of experiment=best, a whole run (~4 min)
+#   bash scripts/device_checks.sh speed            #   speed at batch 256 and 1024, of experiment=best, a whole run
 #   # call 2 at once (the machine is kept 30 s after a call), carry [".device/deps", ".device/full2"], timeout_s 420:
 #   bash scripts/device_checks.sh seeds            #   experiment=best, seeds 0-9, bf16, on all of cifar10-full
 #
@@ -28,7 +28,7 @@ py=${PYTHON:-python3}
 
 deps() {  # Hydra, OmegaConf and google-crc32c for the GPU machine's Python 3.12, as constraints.txt pins them
     local pins
-    pins=$(grep -E '^(hydra-core|omegaconf|google-crc32c)==' constraints.txt)
+    pins=$(grep -E '^(hydra-core|omegaconf)==' constraints.txt)
     rm -rf .device/deps && mkdir -p .device/deps/site
     "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -83,15 +83,11 @@ speed() {
     step repeat 120 "$py" scripts/repeat_dataset.py /tmp/subset /tmp/rep "${rep[@]}"
     # kept on the machine for call 2, which brings the other half
     [ -d .device/full1 ] && rm -rf /tmp/full1 && cp -r .device/full1 /tmp/full1
-    # where the fixed ~50 ms an epoch goes at batch 1024: default callbacks, plain, numpy's BLAS threads as they were
-    step profile-default 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep data.batch_size=1024 \
-        > "$out/profile-epoch-bs1024.txt"
-    step profile-plain 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep data.batch_size=1024 \
-        callbacks=plain > "$out/profile-epoch-bs1024-plain.txt"
-    OPENBLAS_NUM_THREADS=16 step profile-openblas16 150 "$py" scripts/profile_step.py --epoch --data-root /tmp/rep \
-        data.batch_size=1024 > "$out/profile-epoch-bs1024-openblas16.txt"
-    # cifarlab / bare at 1024 over 3 alternating rounds; then experiment=best (its max-blur pooling) at its own batch
-    # size, 128
+    # cifarlab (Lightning's own loop) / bare at the default batch 256 and at 1024, over alternating rounds; where a
+    # step's time goes at 256; then experiment=best (its max-blur pooling) at its own batch size, 128
+    step bench-256 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \
+        --rounds 3 --out "$out/benchmark-gpu-bs256-rounds.json"
+    step profile-256 100 "$py" scripts/profile_step.py --data-root /tmp/rep callbacks=plain > "$out/profile-gpu.txt"
     step bench-1024 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \
         --rounds 3 data.batch_size=1024 --out "$out/benchmark-gpu-bs1024-rounds.json"
     step bench-best 150 "$py" scripts/benchmark.py "${bench[@]}" --data-root /tmp/rep --methods bare,cifarlab \

@@ -38,25 +38,13 @@ def parse_seeds(text: str) -> list[int]:
     return list(range(int(first), int(last or first) + 1))
 
 
-class Scorer:
-    """Test accuracy of a run's checkpoint, scored as score_slices.py does (on this device); the data is read once per
-    data config."""
+def score(run_dir: Path, ckpt: Path) -> float:
+    """Test accuracy of a run's checkpoint with the run's own test-time views (cifarlab-eval's scoring)."""
+    from cifarlab.evaluate import run_config
+    from cifarlab.evaluate import score as evaluate
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.arrays: dict[str, object] = {}
-
-    def __call__(self, run_dir: Path, ckpt: Path) -> float:
-        from omegaconf import OmegaConf
-
-        from cifarlab.train import load_data
-        from score_slices import test_hits
-
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        key = OmegaConf.to_yaml(cfg.data)
-        if key not in self.arrays:
-            self.arrays[key] = load_data(cfg.data, cfg.data.split_seed)
-        return test_hits(cfg, self.arrays[key], ckpt, self.device).mean().item()
+    cfg = run_config(run_dir, None)
+    return evaluate(cfg, ckpt, bool(cfg.test_flips), int(cfg.test_shift))["test_acc"]
 
 
 def main() -> None:
@@ -82,10 +70,7 @@ def main() -> None:
         sys.exit("two variants have the same name")
     queue = [(name, seed) for seed in parse_seeds(args.seeds) for name in variants]
     import cifarlab  # noqa: F401  (its thread settings before torch loads); torch and Lightning only for a real study
-    import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    score = Scorer(device)
     args.runs.mkdir(parents=True, exist_ok=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start, durations, running, rows = time.time(), [], [], []

@@ -22,7 +22,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cifarlab import data  # noqa: E402
+from cifarlab import cifar10  # noqa: E402
 
 
 def repeat(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -39,22 +39,22 @@ def main() -> None:
     args = p.parse_args()
     if args.train < 5 or args.test < 1:
         p.error(f"--train {args.train} --test {args.test}: need at least 5 training and 1 test image")
-    arrays = data.load_cifar10(args.source, download=False)
-    out = args.dest / data.FOLDER
+    arrays = cifar10.load_cifar10(args.source, download=False)
+    out = args.dest / cifar10.FOLDER
     if out.exists():
         p.error(f"{out} exists; give a new folder")
     out.mkdir(parents=True)
     flat = lambda x: x.reshape(len(x), -1).numpy()  # noqa: E731  (N, 3, 32, 32) -> (N, 3072), the file's rows
     train_x, train_y = repeat(flat(arrays.train_x), arrays.train_y.numpy(), args.train)
-    per_file = np.array_split(np.arange(args.train), len(data.TRAIN_FILES))
-    files = [(name, train_x[i], train_y[i]) for (name, _), i in zip(data.TRAIN_FILES, per_file)]
-    files.append((data.TEST_FILES[0][0], *repeat(flat(arrays.test_x), arrays.test_y.numpy(), args.test)))
+    per_file = np.array_split(np.arange(args.train), len(cifar10.TRAIN_FILES))
+    files = [(name, train_x[i], train_y[i]) for (name, _), i in zip(cifar10.TRAIN_FILES, per_file)]
+    files.append((cifar10.TEST_FILES[0][0], *repeat(flat(arrays.test_x), arrays.test_y.numpy(), args.test)))
     for name, x, y in files:
         batch = {"batch_label": f"{name} (repeated from {arrays.root})", "data": np.ascontiguousarray(x),
                  "labels": [int(v) for v in y], "filenames": [f"repeat_{name}_{i}.png" for i in range(len(y))]}
         with open(out / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
-    shutil.copy(Path(arrays.root) / data.META["filename"], out / data.META["filename"])
+    shutil.copy(Path(arrays.root) / cifar10.META["filename"], out / cifar10.META["filename"])
     print(f"{out}: {args.train} training and {args.test} test images repeated from {arrays.root}")
 
 

@@ -18,7 +18,7 @@ from cifarlab import board
 
 # dashboard -> URL fragment (TensorBoard keeps a dashboard's tag filter in the URL)
 DASHBOARDS = {
-    "images": "images",
+    "images": "images&tagFilter=pool%2Fstage",  # the README picture
     "scalars": "scalars&tagFilter=%5E(train%7Cval)%2F",
     "graphs": "graphs",
     "hparams": "hparams",

@@ -3,7 +3,7 @@
 
   1. tutorial   the seed tutorial's recipe (benchmark.py's Tutorial: torchvision CIFAR10 + ToTensor, batch 64, SGD
                 lr 0.01) for 10 epochs; its test accuracy after the last epoch is the target.
-  2. cifarlab   cifarlab.train.train() with the default config (or the overrides given): four times an epoch
+  2. cifarlab   cifarlab.train.run() with the default config (or the overrides given): four times an epoch
                 (--probes-per-epoch) the test set is scored with the clock paused, and the run stops at the first
                 probe that reaches the target.
 
@@ -55,12 +55,10 @@ class TestAccuracyProbe(L.Callback):
             self._start = benchmark.sync(pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Lightning hands the module groups of steps_per_call batches: probe after the group that passes a mark,
-        # and say how far into the epoch that really is.
-        per_epoch, group = trainer.datamodule.train_batches(), trainer.datamodule.group_batches(batch_idx)
+        per_epoch = trainer.num_training_batches
         marks = {round(per_epoch * k / self.probes_per_epoch) for k in range(1, self.probes_per_epoch + 1)}
-        if any(mark - 1 in group for mark in marks):  # mark: a count of batches, the (mark - 1)-th the last of them
-            self._probe(trainer, pl_module, trainer.current_epoch + group.stop / per_epoch)
+        if batch_idx + 1 in marks:  # mark: a count of batches
+            self._probe(trainer, pl_module, trainer.current_epoch + (batch_idx + 1) / per_epoch)
 
     def _probe(self, trainer, pl_module, epoch: float) -> None:
         now = benchmark.sync(pl_module.device)
@@ -98,16 +96,15 @@ def run_tutorial(data_root: str, device: torch.device, epochs: int, max_batches:
 
 
 def run_cifarlab(overrides: list[str], target: float, max_batches: int | None, probes_per_epoch: int) -> dict:
-    from cifarlab import train
+    from cifarlab import prepare, train
 
     limits = [] if max_batches is None else [f"trainer.limit_train_batches={max_batches}",
                                               f"trainer.limit_val_batches={max_batches}",
-                                              f"trainer.limit_test_batches={max_batches}",
-                                              "steps_per_call=1"]  # so that 3 batches still hold 3 probe marks
-    cfg = train.settle(benchmark.compose([*overrides, *limits]))
+                                              f"trainer.limit_test_batches={max_batches}"]
+    cfg = prepare.settle(benchmark.compose([*overrides, *limits]))
     probe = TestAccuracyProbe(target, max_batches, probes_per_epoch)
     with tempfile.TemporaryDirectory() as tmp:
-        train.train(cfg, Path(tmp), extra_callbacks=[probe])
+        train.run(cfg, Path(tmp), extra_callbacks=[probe])
     hit = probe.reached()
     return {"reached": hit is not None, "epoch": hit["epoch"] if hit else None,
             "wall_s": hit["wall_s"] if hit else None, "max_epochs": int(cfg.trainer.max_epochs),

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cifarlab import data
+from cifarlab import cifar10
 
-BATCHES = [name for name, _ in data.TRAIN_FILES + data.TEST_FILES]  # the batch files, as torchvision lists them
+BATCHES = [name for name, _ in cifar10.TRAIN_FILES + cifar10.TEST_FILES]  # the batch files, as torchvision lists them
 PER_TILE = 100  # images per mosaic: 10 x 10 images of 32 x 32
 
 
 def _folder(root: Path) -> Path:
-    return root if root.name == data.FOLDER else root / data.FOLDER
+    return root if root.name == cifar10.FOLDER else root / cifar10.FOLDER
 
 
 def _encode(job: tuple[str, int, np.ndarray, int]) -> tuple[str, int, int, bytes]:
@@ -53,7 +53,7 @@ def pack(src: Path, dest: Path, parts: int, method: int, processes: int) -> list
     folder = _folder(src)
     jobs, meta = [], {}
     for name in BATCHES:
-        batch = data._unpickle(folder / name)  # the project's reader: a dict, str keys; nothing but numpy called
+        batch = cifar10._unpickle(folder / name)  # the project's reader: a dict, str keys; nothing but numpy called
         images = np.asarray(batch["data"], np.uint8)  # (N, 3072)
         meta[name] = {k: v for k, v in batch.items() if k != "data"}  # labels, filenames, batch_label
         jobs += [(name, i, images[s : s + PER_TILE], method) for i, s in enumerate(range(0, len(images), PER_TILE))]
@@ -67,7 +67,7 @@ def pack(src: Path, dest: Path, parts: int, method: int, processes: int) -> list
         with open(part / "tiles.pkl", "wb") as f:
             pickle.dump({"tiles": share, "meta": meta if p == 0 else None}, f, protocol=4)
         if p == 0:
-            shutil.copy(folder / data.META["filename"], part / data.META["filename"])
+            shutil.copy(folder / cifar10.META["filename"], part / cifar10.META["filename"])
         out.append(part)
     return out
 
@@ -84,7 +84,7 @@ def unpack(dest: Path, parts: list[Path]) -> Path:
         raise SystemExit("no part holds the labels (part1): give every part pack wrote")
     folder = _folder(dest)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(meta_part / data.META["filename"], folder / data.META["filename"])
+    shutil.copy(meta_part / cifar10.META["filename"], folder / cifar10.META["filename"])
     for name, labels in meta.items():
         mine = sorted((i, n, blob) for b, i, n, blob in tiles if b == name)
         if [i for i, _, _ in mine] != list(range(len(mine))):

@@ -13,14 +13,14 @@ from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from cifarlab import checksums
+from cifarlab import schema
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 # The folder holding cifar10-subset/ and cifar10-full/ (official layout stand-ins). .ci/run sets it explicitly.
 DATA_DIR = Path(os.environ.get("CIFARLAB_TEST_DATA", REPO.parent / "shared" / "data"))
 CLI = Path(sys.executable).parent / "cifarlab-train"
-checksums.install()  # the suite reads event files with the checksums its runs write them with (C, not Python)
+schema.register()  # what cifarlab-train does before composing: the schema and the resolvers
 
 
 # The suite runs in parallel (pytest-xdist, `-n auto --dist loadfile` in pyproject.toml): each file's tests in one

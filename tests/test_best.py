@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from cifarlab import config
+from cifarlab import build
 from cifarlab.model import count_parameters
 from conftest import compose_config, option_names, read_metrics, run_cli
 from test_sweeps import REPORT, TINY, sweep_params
@@ -45,8 +45,8 @@ def _flat(overrides: list[str]) -> dict:
 
 def test_best_keeps_the_documented_layer_sizes_and_20_epochs():
     cfg = compose_config("experiment=best")
-    documented = config.build_model(compose_config().model)  # the default model is the tutorial's nn.Sequential
-    best = config.build_model(cfg.model)
+    documented = build.network(compose_config().model)  # the default model is the tutorial's nn.Sequential
+    best = build.network(cfg.model)
     # Every conv and linear layer keeps its shape; the only parameters added are BatchNorm's scales and shifts and
     # PReLU's slopes (one per channel: 32, 32, 64 in the stages, 64 in the head).
     layers = lambda m: {k: v.shape for k, v in m.state_dict().items() if ".conv." in k or k.startswith("fc")}  # noqa: E731
@@ -74,7 +74,7 @@ def test_an_ablate_option_changes_only_its_own_ingredient(option):
 def test_ablate_no_blur_is_the_recipe_with_plain_overlapping_max_pooling():
     """blur_size 1 computes exactly MaxPool2d(3, 2, 1): the recipe before the blur, the row the blur is measured by."""
     torch.manual_seed(0)
-    models = {name: config.build_model(compose_config("experiment=best", *extra).model).eval() for name, extra in {
+    models = {name: build.network(compose_config("experiment=best", *extra).model).eval() for name, extra in {
         "best": [], "no_blur": ["ablate=no_blur"],
         "max": ["model/pool=max", "model.pool.kernel_size=3", "model.pool.stride=2", "model.pool.padding=1"]}.items()}
     assert type(models["max"].stage1.pool) is nn.MaxPool2d

@@ -1,4 +1,4 @@
-"""Every refused value gets one line naming the key, the value and what is allowed, before any data is read."""
+"""Every refused value gets one line naming the key, the value and what is allowed, before a run folder is made."""
 
 from __future__ import annotations
 
@@ -10,37 +10,38 @@ import sys
 
 import pytest
 import torch
+from hydra.core.singleton import Singleton
 from omegaconf import OmegaConf
 
-from cifarlab import cli, config, run_folder, train
-from cifarlab.checkpoint import CheckpointError
-from cifarlab.config import ConfigError
-from cifarlab.run_folder import RunFolderError
+from cifarlab import build, checkpoint, cli, run_folder, train
+from cifarlab.errors import CheckpointError, ConfigError, RunFolderError
+from cifarlab.prepare import prepare
 from conftest import CONFIG_DIR, REPO, compose_config, run_cli
 
+TINY_DATA = ["data=synthetic", "data.n_train=300", "data.n_test=50", "data.val_size=50", "data.batch_size=50"]
 
-def refusal(*overrides: str) -> str:
-    cfg = compose_config(*overrides)
+
+def refusal(*overrides: str, tmp_path=None) -> str:
+    """What prepare() refuses the config with (prepare: everything the run builds, before its folder exists)."""
+    cfg = compose_config(*TINY_DATA, *overrides)
     with pytest.raises(ConfigError) as e:
-        config.check(cfg)
+        prepare(cfg, tmp_path or REPO / "outputs" / "never-made")
     return str(e.value)
 
 
 # (overrides, what the message must say). Each row is a mistake a user makes; the message is all they see.
 REFUSED = [
     (["model.pool.kernel_size=40"],
-     r"model.pool.kernel_size=40, model.pool.stride=40, .*shrinks a feature map to nothing \(stage1 32x32 -> 0x0\)"),
-    (["model.pool.kernel_size=4", "model.pool.stride=4"],
-     r"stage1 32x32 -> 8x8; stage2 8x8 -> 2x2; stage3 2x2 -> 0x0"),
+     r"^model.pool.kernel_size=40, model.pool.stride=40, .*: pooling shrinks a feature map to nothing \(stage1 32x32 -> "
+     r"0x0\); use a smaller kernel_size/stride/dilation, or ceil_mode=true$"),
+    (["model.pool.kernel_size=4", "model.pool.stride=4"], r"stage1 32x32 -> 8x8; stage2 8x8 -> 2x2; stage3 2x2 -> 0x0"),
     (["model.pool.dilation=8", "model.pool.kernel_size=4"], r"model.pool.dilation=8.*stage1 32x32 -> 2x2; stage2 2x2 -> 0x0"),
-    (["model.pool.padding=2"],
-     r"model.pool.padding=2: pads 2 px on each side, more than half of model.pool.kernel_size=2 \(2 // 2 = 1\)"),
-    (["model/pool=blurmax", "model.pool.blur_size=0"],
-     r"model.pool.blur_size=0: must be an int in \[1, 7\] \(1 = no blur\)"),
+    # torch's own check, found by the one forward pass that validates the network
+    (["model.pool.padding=2"], r"^model.pool \(MaxPool2d\) cannot take stage1's 32x32x32 input: pad should be at most "
+                               r"half of effective kernel size, but got pad=2, kernel_size=2"),
+    (["model/pool=blurmax", "model.pool.blur_size=0"], r"^model.pool.blur_size=0: must be an int in \[1, 7\]$"),
     (["model/pool=blurmax", "model.pool.blur_size=2.5"], r"model.pool.blur_size=2.5: must be an int in \[1, 7\]"),
-    (["model/pool=blurmax", "model.pool.padding=2"],
-     r"model.pool.padding=2: pads 2 px on each side, more than half of model.pool.kernel_size=3 \(3 // 2 = 1\)"),
-    # the message offers only what blurmax has: no dilation, no ceil_mode
+    (["model/pool=blurmax", "model.pool.padding=2"], r"^model.pool \(BlurMaxPool2d\) cannot take stage1's .*: pad "),
     (["model/pool=blurmax", "model.pool.kernel_size=6", "model.pool.stride=6", "model.pool.padding=0"],
      r"^model.pool.kernel_size=6, model.pool.stride=6, model.pool.padding=0: pooling shrinks a feature map to "
      r"nothing \(stage1 32x32 -> 5x5; stage2 5x5 -> 0x0\); use a smaller kernel_size/stride$"),
@@ -57,63 +58,73 @@ REFUSED = [
     (["model/pool=lp", "~model.pool.norm_type"],
      r"^model.pool: torch.nn.LPPool2d needs norm_type; set it with \+model.pool.norm_type=<value>$"),
     (["model/pool=avg", "model.pool.kernel_size=[3,2]", "model.pool.padding=[1,2]"],
-     r"model.pool.padding=\[1,2\]: pads 2 px.*model.pool.kernel_size=\[3,2\] \(2 // 2 = 1\)"),
-    (["model.pool.kernel_size=abc"], r"model.pool.kernel_size='abc': must be an int >= 1 or a pair"),
+     r"^model.pool \(AvgPool2d\) cannot take stage1's 32x32x32 input: pad should be at most half"),
+    (["model.pool.kernel_size=abc"], r"model.pool.kernel_size='abc': must be an int >= 1, or a pair \[h, w\] of them"),
     (["model.pool.kernel_size=0"], r"model.pool.kernel_size=0: must be an int >= 1"),
-    (["model.pool.stride=0"], r"model.pool.stride=0: must be null \(= kernel_size\), or an int >= 1"),
+    (["model.pool.stride=0"], r"model.pool.stride=0: must be null or an int >= 1"),
     (["model.pool.padding=-1"], r"model.pool.padding=-1: must be an int >= 0"),
     (["model.pool.dilation=0"], r"model.pool.dilation=0: must be an int >= 1"),
-    (["model/pool=avg", "model.pool.divisor_override=0"], r"model.pool.divisor_override=0: must be null .* or an int >= 1"),
+    (["model/pool=avg", "model.pool.divisor_override=0"], r"model.pool.divisor_override=0: must be null or an int >= 1"),
     (["model/pool=lp", "model.pool.norm_type=0"], r"model.pool.norm_type=0: must be a number > 0"),
-    (["+model.pool.return_indices=true"], r"model.pool.return_indices=true: the network needs a tensor"),
-    (["model/dropout=dropout", "model.dropout.p=1.5"], r"model.dropout.p=1.5: must be a probability in \[0, 1\]"),
-    (["model/dropout=dropout2d", "model.dropout.p=-0.1"], r"model.dropout.p=-0.1: must be a probability"),
+    (["+model.pool.return_indices=true"], r"model.pool.return_indices=true: must be false: the network needs a tensor"),
+    (["model/dropout=dropout", "model.dropout.p=1.5"], r"model.dropout.p=1.5: must be a number in \[0, 1\]"),
+    (["model/dropout=dropout2d", "model.dropout.p=-0.1"], r"model.dropout.p=-0.1: must be a number in \[0, 1\]"),
     (["model/activation=rrelu", "model.activation.lower=0.5", "model.activation.upper=0.2"],
      r"model.activation.lower=0.5 > model.activation.upper=0.2: .*lower must be <= upper"),
     (["model/activation=prelu", "model.activation.num_parameters=32"],
-     r"model.activation.num_parameters=32: must be 1 \(one shared slope\) or \"channels\""),
+     r"model.activation.num_parameters=32: must be 1 or 'channels'"),
     (["model/norm=groupnorm", "model.norm.num_groups=5"],
-     r"model.norm.num_groups=5: must divide every stage's channel count \[32, 32, 64\]"),
+     r"^model.norm \(torch.nn.GroupNorm\) with 32 channels: num_channels \(32\) must be divisible by num_groups \(5\)$"),
     (["model.pool=avg"], r"model.pool='avg': pool is a config group; .*model/pool=<option> \(a slash, not a dot\)"),
     (["model.activation=relu"], r"model.activation='relu': .*model/activation=<option>"),
+    # every numeric key of the model and the data has a range (schema.RANGES)
+    (["model.hidden=0"], r"^model.hidden=0: must be an int >= 1$"),
+    (["model.conv_kernel=0"], r"^model.conv_kernel=0: must be an int >= 1$"),
+    (["model.conv_padding=-1"], r"^model.conv_padding=-1: must be an int >= 0$"),
+    (["model.conv_kernel=33", "model.conv_padding=0"],
+     r"^model.conv_kernel=33, model.conv_padding=0: stage1's conv shrinks 32x32 to nothing"),
+    (["model.channels=[32,0,64]"], r"^model.channels=\[32,0,64\]: must be a list of channel counts, each an int >= 1$"),
+    (["seed=-1"], r"^seed=-1: must be an int in \[0, 4294967295\]$"),
+    (["threads=0"], r"^threads=0: must be null or an int >= 1$"),
     (["optimizer.lr=0"], r"optimizer.lr=0: must be a number > 0"),
     (["optimizer.lr=-0.1"], r"optimizer.lr=-0.1: must be a number > 0"),
+    (["optimizer.betas=[0.9,1.5]"], r"optimizer.betas=\[0.9,1.5\]: must be a pair of numbers in \[0, 1\)"),
     (["data.batch_size=0"], r"data.batch_size=0: must be an int >= 1"),
+    (["data.eval_batch_size=0"], r"data.eval_batch_size=0: must be an int >= 1"),
+    (["data.noise=-1"], r"data.noise=-1.0: must be null or a number >= 0"),
+    (["data.n_train=1"], r"data.n_train=1: must be null or an int >= 2"),
+    (["data.split_seed=-3"], r"data.split_seed=-3: must be an int >= 0"),
     (["trainer.max_epochs=0"], r"trainer.max_epochs=0: must be an int >= 1"),
-    (["data.val_size=0"], r"data.val_size=0: must be a fraction in \(0, 1\) or an image count >= 1"),
-    (["data.val_size=1.5"], r"data.val_size=1.5: must be a fraction"),
-    (["data.augment.flip=yes"], r"data.augment.flip='yes': must be true \(coin flips\), false or alternate \(each"),
+    (["data.val_size=0"], r"data.val_size=0: must be a number in \(0, 1\), or an int >= 1"),
+    (["data.val_size=1.5"], r"data.val_size=1.5: must be a number in \(0, 1\)"),
+    (["data.val_size=300"], r"data.val_size=300 leaves 300 validation and 0 training images of 300; use a fraction"),
+    (["data.augment.flip=yes"], r"data.augment.flip='yes': must be true or false or 'alternate'"),
+    (["data.augment.crop_padding=17"], r"data.augment.crop_padding=17: must be an int in \[0, 16\]"),
+    (["data.name=imagenet"], r"data.name='imagenet': must be 'cifar10' or 'synthetic'"),
     (["label_smoothing=1.0"], r"label_smoothing=1.0: must be a number in \[0, 1\)"),
-    (["trainer.precision=fp8"], r"trainer.precision='fp8': must be one of auto, 32-true, bf16-mixed, 16-mixed"),
-    (["channels_last=maybe"], r"channels_last='maybe': must be true or false"),
-    (["compile=1"], r"compile=1: must be true or false"),
-    (["test_flips=yes"], r"test_flips='yes': must be true or false"),
-    (["data.download=no"], r"data.download='no': must be true or false"),  # bool('no') would download
-    (["data.normalize=1"], r"data.normalize=1: must be true or false"),
-    (["test_shift=-1"], r"test_shift=-1: must be an int in \[0, 8\] \(px; 0 = no shifted test views\)"),
+    (["trainer.precision=fp8"], r"trainer.precision='fp8': must be 'auto' or '32-true' or 'bf16-mixed'"),
+    (["test_shift=-1"], r"test_shift=-1: must be an int in \[0, 8\]"),
     (["test_shift=12"], r"test_shift=12: must be an int in \[0, 8\]"),
-    (["test_checkpoint=median"], r"test_checkpoint='median': must be best \(the epoch with the highest val/acc\) or last"),
-    (["steps_per_call=0"], r"steps_per_call=0: must be an int >= 1 \(training batches per Lightning call; 1 = one"),
-    (["steps_per_call=many"], r"steps_per_call='many': must be an int >= 1"),
-    # A callback that acts on every training step would act once per group of steps_per_call batches
-    (["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging"],
-     r"callbacks.ema \(lightning.pytorch.callbacks.EMAWeightAveraging\) acts on every training step, but with "
-     r"steps_per_call=16: .* on_train_batch_end would run once per 16 optimizer steps; set steps_per_call=1"),
-    (["callbacks=plain", "+callbacks.model_checkpoint.every_n_train_steps=100", "steps_per_call=4"],
-     r"callbacks.model_checkpoint.every_n_train_steps=100 with steps_per_call=4: .*checkpoint per epoch"),
-    (["+callbacks.x._target_=lightning.pytorch.callbacks.LambdaCallback", "+callbacks.x.on_train_batch_end._target_="
-      "cifarlab.module.log_epoch_now", "+callbacks.x.on_train_batch_end._partial_=true"],
-     r"callbacks.x \(lightning.pytorch.callbacks.LambdaCallback\) acts on every training step, but with "
-     r"steps_per_call=16: .* on_train_batch_end would run once per 16 optimizer steps; set steps_per_call=1"),
-    (["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor"],
-     r"callbacks.lr.logging_interval=null with steps_per_call=16: .*set callbacks.lr.logging_interval=epoch"),
-    (["+trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0: must be an int >= 1 \(batches per"),
-    (["trainer.gradient_clip_val=-1"], r"trainer.gradient_clip_val=-1: must be null \(no clipping\) or a number >= 0"),
-    (["+trainer.gradient_clip_algorithm=max"], r"trainer.gradient_clip_algorithm='max': must be norm \(the "),
-    (["trainer.limit_train_batches=1.5"], r"trainer.limit_train_batches=1.5: must be null \(all\), a batch count"),
-    (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0: must be null \(all\), a batch count >= 1"),
+    (["test_checkpoint=median"], r"test_checkpoint='median': must be 'best' or 'last'"),
+    (["+trainer.accumulate_grad_batches=0"], r"trainer.accumulate_grad_batches=0: must be an int >= 1"),
+    (["trainer.gradient_clip_val=-1"], r"trainer.gradient_clip_val=-1: must be null or a number >= 0"),
+    (["+trainer.gradient_clip_algorithm=max"], r"trainer.gradient_clip_algorithm='max': must be null or 'norm' or"),
+    (["trainer.limit_train_batches=1.5"], r"trainer.limit_train_batches=1.5: must be null or an int >= 1, or a number"),
+    (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0: must be null or an int >= 1"),
+    (["callbacks.pooling_images.every_n_epochs=0"], r"callbacks.pooling_images.every_n_epochs=0: must be an int >= 1"),
+    (["callbacks.test_figures.misclassified=-2"], r"callbacks.test_figures.misclassified=-2: must be an int >= 0"),
+    # what torch, Lightning or a callback finds in its own arguments, when they are built: named by the config key
+    (["optimizer.weight_decay=0.1", "+optimizer.eps=-1.0"], r"^optimizer \(torch.optim.AdamW\): Invalid epsilon"),
+    (["trainer.accelerator=gpu"], r"^trainer \(lightning.pytorch.Trainer\): MisconfigurationException: No supported gpu"),
+    (["+trainer.no_such_argument=1"], r"^trainer \(lightning.pytorch.Trainer\): TypeError: .*no_such_argument"),
+    (["callbacks.model_checkpoint.mode=most"], r"^callbacks.model_checkpoint \(lightning.pytorch.callbacks."
+                                                r"ModelCheckpoint\): MisconfigurationException: `mode` can be"),
+    # a schedule torch cannot build for this run's length (4 steps: a warm-up of one, which OneCycleLR divides by)
+    (["trainer.max_epochs=1", "trainer.limit_train_batches=4"],
+     r"^scheduler=OneCycleLR cannot schedule 4 training steps \(a warm-up of one step, which torch divides by; "
+     r"scheduler.pct_start=0.25\); change scheduler.pct_start"),
     (["model.pool._target_=os.system"], r"model.pool._target_='os.system': not an allowed target"),
-    (["callbacks.epoch_timer._target_=subprocess.call"], r"callbacks.epoch_timer._target_='subprocess.call': not an allowed"),
+    (["callbacks.progress_bar._target_=subprocess.call"], r"callbacks.progress_bar._target_='subprocess.call': not an"),
     # a nested _target_ is instantiated (called) by Hydra too, before any check of the object it builds
     (["+callbacks.x._target_=lightning.pytorch.callbacks.LambdaCallback", "+callbacks.x.on_fit_start._target_="
       "os.makedirs", "+callbacks.x.on_fit_start.name=pwned"],
@@ -140,37 +151,17 @@ def test_refused_with_a_message_naming_key_value_and_rule(overrides, message):
     assert "\n" not in text
 
 
-def test_a_schedule_torch_cannot_build_is_refused_with_what_to_change():
-    cfg = compose_config()
-    scheduler = config.build_scheduler(cfg.scheduler)
-    optimizer = config.build_optimizer(cfg.optimizer)(torch.nn.Linear(2, 2).parameters())
-    with pytest.raises(ConfigError, match=r"scheduler=OneCycleLR cannot schedule 4 training steps .*pct_start=0.25"):
-        scheduler(optimizer, 4)
-    assert scheduler(optimizer, 5).total_steps == 5
-
-
 def test_valid_geometry_is_accepted():
-    model = config.build_model(compose_config("model.pool.kernel_size=3", "model.pool.stride=3").model)
+    model = build.network(compose_config("model.pool.kernel_size=3", "model.pool.stride=3").model)
     assert model.feature_sizes == [(10, 10), (3, 3), (1, 1)]
 
 
 def test_the_fix_the_message_names_works():
     """The refusal of experiment=best model/pool=lp says to remove the padding; doing so builds LPPool2d(3, 2)."""
-    model = config.build_model(compose_config("experiment=best", "model/pool=lp", "~model.pool.padding").model)
+    model = build.network(compose_config("experiment=best", "model/pool=lp", "~model.pool.padding").model)
     pool = model.stage1.pool
     assert isinstance(pool, torch.nn.LPPool2d) and (pool.kernel_size, pool.stride, pool.norm_type) == (3, 2, 2)
     assert model.feature_sizes == [(15, 15), (7, 7), (3, 3)]  # no padding: (32 - 3) // 2 + 1 = 15
-
-
-@pytest.mark.parametrize("overrides", [
-    ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging", "steps_per_call=1"],
-    ["+callbacks.model_checkpoint.every_n_train_steps=100", "steps_per_call=1"],
-    ["+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor", "+callbacks.lr.logging_interval=epoch"],
-    ["+callbacks.timer._target_=lightning.pytorch.callbacks.Timer"],  # watches the clock: a group is fine
-    ["+callbacks.swa._target_=lightning.pytorch.callbacks.StochasticWeightAveraging", "+callbacks.swa.swa_lrs=0.01"],
-])
-def test_callbacks_that_act_per_step_are_accepted_with_one_step_per_call_or_when_they_act_per_epoch(overrides):
-    config.check(compose_config(*overrides))  # raises ConfigError if refused
 
 
 def test_every_target_in_configs_is_allowed():
@@ -178,60 +169,72 @@ def test_every_target_in_configs_is_allowed():
     assert len(targets) > 20
     for target in targets:
         if target != "null":
-            config.resolve_target(target, "configs")  # raises ConfigError for anything outside the allowlist
+            build.resolve_target(target, "configs")  # raises ConfigError for anything outside the allowlist
 
 
-@pytest.mark.parametrize(
-    "overrides,message,folder_made",
-    [
-        (["model/pool=max", "model.pool.kernel_size=4", "model.pool.stride=4"], "stage3 2x2 -> 0x0", False),
-        (["model.pool=avg"], "(a slash, not a dot)", False),
-        (["data.name=imagenet"], "data.name='imagenet': must be one of cifar10, synthetic", False),
-        (["callbacks.epoch_timer._target_=os.system"], "callbacks.epoch_timer._target_='os.system': not an", False),
-        # where the data folder holds no CIFAR-10: found without reading a file, before the run folder is made
-        (["data.root=/no/such/folder", "data.download=false"], "CIFAR-10 not found: looked for /no/such/folder", False),
-        # found once the data is read: the run folder is made by then, and its train.log says why it stopped
-        (["data=synthetic", "data.n_train=300", "data.val_size=300"],
-         "data.val_size=300 leaves 300 validation and 0 training images of 300; use a fraction in (0, 1) or a smaller",
-         True),
-    ],
-)
-def test_cli_refuses_in_one_line_with_exit_status_2(tmp_path, overrides, message, folder_made):
+# Mistakes found while composing (the schema's types), in a value (ranges, the layers built once), in the data, or by
+# Lightning in its own arguments: all refused in one line, exit status 2, before Hydra makes the run folder.
+CLI_REFUSED = [
+    (["seed=abc"], "seed=abc: Value 'abc' of type 'str' could not be converted to Integer (the schema types seed)"),
+    (["model.hidden=abc"], "model.hidden=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["data.batch_size=1.5"], "data.batch_size=1.5: Value '1.5' of type 'float' could not be converted to Integer"),
+    (["channels_last=maybe"], "channels_last=maybe: Value 'maybe' is not a valid bool"),
+    (["label_smoothing=lots"], "label_smoothing=lots: Value 'lots' of type 'str' could not be converted to Float"),
+    (["model.hidden=0"], "model.hidden=0: must be an int >= 1"),
+    (["model/pool=max", "model.pool.kernel_size=4", "model.pool.stride=4"], "stage3 2x2 -> 0x0"),
+    (["model.pool=avg"], "(a slash, not a dot)"),
+    (["data.name=imagenet"], "data.name='imagenet': must be 'cifar10' or 'synthetic'"),
+    (["callbacks.progress_bar._target_=os.system"], "callbacks.progress_bar._target_='os.system': not an"),
+    (["data=synthetic", "trainer.accelerator=gpu"],
+     "trainer (lightning.pytorch.Trainer): MisconfigurationException: No supported gpu"),
+    (["data.root=/no/such/folder", "data.download=false"], "CIFAR-10 not found: looked for /no/such/folder"),
+    # found once the data is read, still before the run folder
+    (["data=synthetic", "data.n_train=300", "data.val_size=300"],
+     "data.val_size=300 leaves 300 validation and 0 training images of 300; use a fraction in (0, 1) or a smaller"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CLI_REFUSED, ids=[" ".join(o) for o, _ in CLI_REFUSED])
+def test_cli_refuses_in_one_line_with_exit_status_2_and_makes_no_folder(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
     result = run_cli(*overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
-    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
-    assert run_dir.exists() == folder_made  # a config mistake is refused before Hydra makes the run folder
-    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
-    # nor does a refused run's folder pass for a stopped one (config.yaml), which resume= would repeat as it was
-    assert not (run_dir / run_folder.SAVED_CONFIG).exists()
-    if folder_made:
-        with pytest.raises(RunFolderError) as e:
-            run_folder.resume_overrides(str(run_dir), [])
-        assert str(e.value) == (f"resume={run_dir}: that run stopped before it had read its data (no config.yaml), so "
-                                f"there is nothing to continue; start it again: cifarlab-train {shlex.join(overrides)} "
-                                f"hydra.run.dir={run_dir}")
+    assert not run_dir.exists()  # refused before Hydra makes the run folder
+
+
+def test_a_folder_without_config_yaml_says_how_to_start_it_again(tmp_path):
+    """A run killed between Hydra making its folder and writing config.yaml left nothing to continue."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- data=synthetic\n- trainer.max_epochs=2\n")
+    with pytest.raises(RunFolderError) as e:
+        run_folder.resume_overrides(str(run_dir), [])
+    assert str(e.value) == (f"resume={run_dir}: that run stopped before it had read its data (no config.yaml), so "
+                            f"there is nothing to continue; start it again: cifarlab-train data=synthetic "
+                            f"trainer.max_epochs=2 hydra.run.dir={run_dir}")
 
 
 def test_cli_refuses_a_data_folder_missing_files_before_making_a_run_folder(tmp_path):
-    from cifarlab import data
+    from cifarlab import cifar10
 
-    folder = tmp_path / "cifar" / data.FOLDER
+    folder = tmp_path / "cifar" / cifar10.FOLDER
     folder.mkdir(parents=True)
-    for name in data.FILES:
+    for name in cifar10.FILES:
         if name not in ("data_batch_4", "test_batch"):
             (folder / name).write_bytes(b"")  # only their names are looked at before the run
     run_dir = tmp_path / "run"
-    for root in ("cifar", f"cifar/{data.FOLDER}"):  # relative to where the command runs; or the batches folder itself
+    for root in ("cifar", f"cifar/{cifar10.FOLDER}"):  # relative to where the command runs; or the batches folder
         result = run_cli(f"data.root={root}", f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
         assert result.returncode == 2, result.stderr
-        assert result.stderr.strip() == (
+        assert result.stderr.strip().splitlines()[-1] == (
             f"error: {folder}/data_batch_4: file missing (and test_batch); the folder must hold batches.meta, "
             "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch")
         assert not run_dir.exists()
-    assert sorted(p.name for p in folder.iterdir()) == sorted(set(data.FILES) - {"data_batch_4", "test_batch"})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(set(cifar10.FILES) - {"data_batch_4", "test_batch"})
 
 
 @pytest.mark.parametrize("override,message", [
@@ -258,6 +261,7 @@ ANSWERED_BEFORE_A_RUN = [(["--help"], 0, "none"), (["--cfg", "job", "model/pool=
                          (["model/pool=median"], 2, "none"), (["model.pool.kernel_sizee=3"], 2, "none"),
                          (["model.pool.kernel_size=[3"], 2, "none"), (["resume=no/such/run"], 2, "none"),
                          (["resume=run", "trainer.max_epochs=20"], 2, "none"),
+                         (["seed=abc"], 2, "none"), (["data.batch_size=1.5"], 2, "none"),
                          (["model.pool.kernel_size=40"], 2, "torch"), (["data.name=imagenet"], 2, "torch"),
                          (["data.root=no/such/folder", "data.download=false"], 2, "torch,torchvision"),
                          (["experiment=best", "model/pool=lp"], 2, "torch"), (["optimizer.lr=0"], 2, "torch")]
@@ -285,22 +289,34 @@ def test_help_cfg_and_refused_overrides_load_no_lightning_and_make_no_run_folder
 
 
 @pytest.mark.parametrize("args", [
-    ["trainer.max_epochs=1"],
-    ["+note=${hydra:runtime.output_dir}"],  # resolves only inside the run: the run's own check reads it
+    ["data=synthetic", "data.n_train=300"],
+    ["+note=${hydra:runtime.output_dir}"],  # resolves only inside the run: the run prepares itself
     ["+hydra.job.env_set.CIFARLAB_LR=0.01", "optimizer.lr=${oc.env:CIFARLAB_LR}"],  # set only inside the run
     ["resume=run"],
 ])
-def test_the_command_line_passes_a_valid_config_to_the_run(tmp_path, monkeypatch, args):
+def test_the_command_line_hands_the_run_its_folder_and_what_it_prepared(tmp_path, monkeypatch, args):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / run_folder.SAVED_CONFIG).write_text(OmegaConf.to_yaml(compose_config()))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["cifarlab-train", *args])
+    monkeypatch.setattr(sys, "argv", ["cifarlab-train", *args, *([] if args == ["resume=run"] else
+                                                                   [f"hydra.run.dir={tmp_path / 'new'}"])])
     monkeypatch.delenv("CIFARLAB_LR", raising=False)
     started = []
-    monkeypatch.setattr(cli, "main", lambda: started.append(sys.argv[1:]))
-    cli.cli()
-    assert started == [[f"hydra.run.dir={tmp_path / 'run'}", "hydra.output_subdir=null",
-                        f"resume={tmp_path / 'run'}"] if args == ["resume=run"] else args]
+    monkeypatch.setattr(cli.hydra, "main", lambda **kw: lambda task: lambda: started.append(
+        (sys.argv[1:], task.__closure__[0].cell_contents)))
+    hydra_state = Singleton.get_state()  # the command line sets Hydra's global config, as it does before a run
+    try:
+        cli.cli()
+    finally:
+        Singleton.set_state(hydra_state)
+    (argv, prepared), = started
+    if args == ["resume=run"]:  # the saved config, in its own folder: prepared by the run
+        assert argv == [f"hydra.run.dir={tmp_path / 'run'}", "hydra.output_subdir=null", f"resume={tmp_path / 'run'}"]
+        assert prepared is None
+        return
+    assert argv[-1] == f"hydra.run.dir={tmp_path / 'new'}"  # the folder prepared for, passed on
+    assert (prepared is None) == (args[0] != "data=synthetic")
+    assert not (tmp_path / "new").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,7 +332,7 @@ class RunsCode:  # a pickle that would run a command on load: weights_only loadi
 
 
 def lightning_ckpt(*overrides: str, **extra) -> dict:
-    model = config.build_model(compose_config(*overrides).model)
+    model = build.network(compose_config(*overrides).model)
     return {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "epoch": 0, **extra}
 
 
@@ -358,9 +374,9 @@ def test_checkpoint_refused_with_a_message_naming_the_file(tmp_path, make, messa
         make = truncated(tmp_path / "whole.ckpt")
     if make is not None:
         write_file(path, make)
-    model = config.build_model(compose_config().model)
+    model = build.network(compose_config().model)
     with pytest.raises(CheckpointError) as e:
-        train.init_weights(model, str(path))
+        checkpoint.load_weights(model, str(path), f"init_from={path}")
     assert re.search(message, str(e.value)), str(e.value)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "given.ckpt.ran").exists()  # the code in the pickle never ran
@@ -368,14 +384,14 @@ def test_checkpoint_refused_with_a_message_naming_the_file(tmp_path, make, messa
 
 def test_a_checkpoint_of_the_same_architecture_loads_bare_or_from_lightning(tmp_path):
     torch.manual_seed(1)
-    reference = config.build_model(compose_config().model)
+    reference = build.network(compose_config().model)
     torch.save(reference.state_dict(), tmp_path / "bare.pt")
     torch.save({"state_dict": {f"model.{k}": v for k, v in reference.state_dict().items()}, "epoch": 3},
                tmp_path / "lightning.ckpt")
     for path in (tmp_path / "bare.pt", tmp_path / "lightning.ckpt"):
         torch.manual_seed(2)
-        model = config.build_model(compose_config().model)
-        train.init_weights(model, str(path))
+        model = build.network(compose_config().model)
+        checkpoint.load_weights(model, str(path), f"init_from={path}")
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
 
 
@@ -419,16 +435,17 @@ def test_resume_refusals_name_the_folder_and_what_to_do(tmp_path):
 def test_resume_refuses_an_unusable_checkpoint_before_reading_data(tmp_path, last, message):
     run_dir, cfg = stopped_run(tmp_path, last)
     with pytest.raises(CheckpointError) as e:
-        train.resume_point(run_dir, config.build_model(cfg.model), train.config_sha(cfg))
+        train.resume_point(run_dir, build.network(cfg.model), run_folder.config_sha(cfg))
     assert re.search(message, str(e.value)), str(e.value)
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
     cfg = compose_config()
     run_dir, _ = stopped_run(tmp_path, lightning_ckpt("model/norm=batchnorm",
-                                                      cifarlab={"config_sha": train.config_sha(cfg), "saved_at": 0.0}))
+                                                      cifarlab={"config_sha": run_folder.config_sha(cfg),
+                                                                "saved_at": 0.0}))
     with pytest.raises(CheckpointError, match=r"last.ckpt: made for a different architecture: layers in the file"):
-        train.resume_point(run_dir, config.build_model(cfg.model), train.config_sha(cfg))
+        train.resume_point(run_dir, build.network(cfg.model), run_folder.config_sha(cfg))
 
 
 @pytest.mark.parametrize("args,message", [

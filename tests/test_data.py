@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import data, datamodule
-from cifarlab.data import DataError, DeviceBatches, Normalize
+from cifarlab import batches, cifar10, datamodule
+from cifarlab.batches import DeviceBatches, Normalize
+from cifarlab.errors import DataError
 
 UNREACHABLE = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # refused at once: no test ever downloads
 
@@ -33,7 +34,7 @@ def write_batch(path: Path, n: int, seed: int, **replace) -> None:
 def make_folder(root: Path, n: int = 20) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    for i, (name, _) in enumerate(data.TRAIN_FILES + data.TEST_FILES):
+    for i, (name, _) in enumerate(cifar10.TRAIN_FILES + cifar10.TEST_FILES):
         write_batch(folder / name, n, seed=i)
     (folder / "batches.meta").write_bytes(
         pickle.dumps({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -44,9 +45,9 @@ def make_folder(root: Path, n: int = 20) -> Path:
 
 def test_subset_matches_a_plain_pickle_read(subset_root, caplog):
     with caplog.at_level(logging.WARNING):
-        arrays = data.load_cifar10(subset_root, download=False)
+        arrays = cifar10.load_cifar10(subset_root, download=False)
     folder = subset_root / "cifar-10-batches-py"
-    plain = [pickle.load(open(folder / n, "rb"), encoding="latin1") for n, _ in data.TRAIN_FILES]
+    plain = [pickle.load(open(folder / n, "rb"), encoding="latin1") for n, _ in cifar10.TRAIN_FILES]
     assert len(arrays.train_y) == sum(len(b["labels"]) for b in plain)
     test = pickle.load(open(folder / "test_batch", "rb"), encoding="latin1")
     assert arrays.test_y.tolist() == test["labels"]
@@ -62,30 +63,30 @@ def test_subset_matches_a_plain_pickle_read(subset_root, caplog):
 
 def test_root_may_be_the_batches_folder_itself(tmp_path):
     folder = make_folder(tmp_path)
-    assert len(data.load_cifar10(folder, download=False).train_y) == 100
+    assert len(cifar10.load_cifar10(folder, download=False).train_y) == 100
 
 
 def test_reads_the_official_archive(tmp_path):
     folder = make_folder(tmp_path / "src")
     archive_root = tmp_path / "root"
     archive_root.mkdir()
-    with tarfile.open(archive_root / data.ARCHIVE, "w:gz") as tar:
+    with tarfile.open(archive_root / cifar10.ARCHIVE, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
-    arrays = data.load_cifar10(archive_root, download=False, md5="not-the-official-md5")
+    arrays = cifar10.load_cifar10(archive_root, download=False, md5="not-the-official-md5")
     assert len(arrays.train_y) == 100 and len(arrays.test_y) == 20
 
 
 def test_unreadable_archive_is_named(tmp_path):
-    (tmp_path / data.ARCHIVE).write_bytes(b"this is not a gzip file")
+    (tmp_path / cifar10.ARCHIVE).write_bytes(b"this is not a gzip file")
     with pytest.raises(DataError, match=r"cifar-10-python.tar.gz: cannot unpack") as e:
-        data.load_cifar10(tmp_path, download=False)
+        cifar10.load_cifar10(tmp_path, download=False)
     assert "\n" not in str(e.value)
 
 
 def test_offline_without_data_says_where_it_looked_and_what_to_do(tmp_path):
     root = tmp_path / "nothing-here"
     with pytest.raises(DataError) as e:
-        data.load_cifar10(root, download=True, url=UNREACHABLE, md5="x")
+        cifar10.load_cifar10(root, download=True, url=UNREACHABLE, md5="x")
     msg = str(e.value)
     assert f"{root}/cifar-10-batches-py" in msg and "cifar-10-python.tar.gz" in msg
     assert "download from http://127.0.0.1:9" in msg and "Connection refused" in msg
@@ -95,27 +96,27 @@ def test_offline_without_data_says_where_it_looked_and_what_to_do(tmp_path):
 
 def test_find_says_what_the_run_will_use_and_touches_nothing(tmp_path):
     folder = make_folder(tmp_path / "complete")
-    assert data.find(tmp_path / "complete", download=False) == folder
-    assert data.find(folder, download=False) == folder  # pointed at the batches folder itself
+    assert cifar10.find(tmp_path / "complete", download=False) == folder
+    assert cifar10.find(folder, download=False) == folder  # pointed at the batches folder itself
     (tmp_path / "packed").mkdir()
-    (tmp_path / "packed" / data.ARCHIVE).write_bytes(b"unpacked only by the run")
-    assert data.find(tmp_path / "packed", download=False) == tmp_path / "packed" / data.ARCHIVE
-    assert data.find(tmp_path / "empty", download=True) is None  # the run downloads
+    (tmp_path / "packed" / cifar10.ARCHIVE).write_bytes(b"unpacked only by the run")
+    assert cifar10.find(tmp_path / "packed", download=False) == tmp_path / "packed" / cifar10.ARCHIVE
+    assert cifar10.find(tmp_path / "empty", download=True) is None  # the run downloads
     with pytest.raises(DataError, match=r"CIFAR-10 not found: .*empty/cifar-10-batches-py/ .*data.download=false"):
-        data.find(tmp_path / "empty", download=False)
+        cifar10.find(tmp_path / "empty", download=False)
     for name in ("batches.meta", "data_batch_5"):
         (folder / name).unlink()
     with pytest.raises(DataError) as e:
-        data.find(folder, download=True)  # a download would not complete a folder that is there
+        cifar10.find(folder, download=True)  # a download would not complete a folder that is there
     assert str(e.value) == (f"{folder}/batches.meta: file missing (and data_batch_5); the folder must hold "
-                            f"{', '.join(data.FILES)}")
+                            f"{', '.join(cifar10.FILES)}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["complete", "packed"]
-    assert [p.name for p in (tmp_path / "packed").iterdir()] == [data.ARCHIVE]
+    assert [p.name for p in (tmp_path / "packed").iterdir()] == [cifar10.ARCHIVE]
 
 
 def test_download_false_does_not_try(tmp_path):
     with pytest.raises(DataError, match="data.download=false"):
-        data.load_cifar10(tmp_path, download=False)
+        cifar10.load_cifar10(tmp_path, download=False)
 
 
 @pytest.mark.parametrize(
@@ -168,18 +169,18 @@ def test_a_broken_batch_file_is_named(tmp_path, breakage, expected):
 
         path.write_bytes(pickle.dumps({"data": Evil()}, protocol=2))
     with pytest.raises(DataError, match=expected) as e:
-        data.load_cifar10(tmp_path, download=False)
+        cifar10.load_cifar10(tmp_path, download=False)
     assert "\n" not in str(e.value)  # one line
 
 
 def test_val_split_is_seeded_and_disjoint():
-    train, val = data.split_indices(100, 10, seed=3)
-    again, _ = data.split_indices(100, 10, seed=3)
+    train, val = batches.split_indices(100, 10, seed=3)
+    again, _ = batches.split_indices(100, 10, seed=3)
     assert torch.equal(train, again) and len(val) == 10
     assert sorted(torch.cat([train, val]).tolist()) == list(range(100))
-    assert data.val_count(0.1, 5438) == 543 and data.val_count(500, 5438) == 500
+    assert batches.val_count(0.1, 5438) == 543 and batches.val_count(500, 5438) == 500
     with pytest.raises(ValueError, match="leaves 5438 validation and 0 training"):
-        data.val_count(5438, 5438)
+        batches.val_count(5438, 5438)
 
 
 def _batches(epoch: int, seed: int = 0, **kw) -> list[torch.Tensor]:
@@ -203,17 +204,17 @@ def test_window_indices_give_the_reflect_padded_crop_then_its_mirror(pad):
     g = torch.Generator().manual_seed(0)
     n = 64
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    dy, dx = data.crop_offsets(n, pad, g)
-    flip = data.coin_flips(n, g)
+    dy, dx = batches.crop_offsets(n, pad, g)
+    flip = batches.coin_flips(n, g)
     assert 0 < int(flip.sum()) < n and len(set(dy.flatten().tolist())) > 1
     padded = torch.nn.functional.pad(x.float(), (pad,) * 4, mode="reflect")
     for mirror in (flip, None):
-        rows, cols = data.window_indices(dy, dx, mirror, pad, 32, 32)
+        rows, cols = batches.window_indices(dy, dx, mirror, pad, 32, 32)
         views = x[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         for i in range(n):
             window = padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
             assert torch.equal(views[i].float(), window.flip(2) if mirror is not None and flip[i] else window), i
-    rows, cols = data.window_indices(None, None, flip, 0, 32, 32)  # no crop: the image or its mirror image
+    rows, cols = batches.window_indices(None, None, flip, 0, 32, 32)  # no crop: the image or its mirror image
     views = x[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     assert all(torch.equal(views[i], x[i].flip(2) if flip[i] else x[i]) for i in range(n))
 
@@ -256,7 +257,7 @@ def test_alternating_flip_is_the_same_per_image_when_ranks_share_the_epoch():
     """Under DDP each rank takes its own slice of the permutation; an image is mirrored or not whatever rank has it."""
     n, images = 64, torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     for epoch in (0, 1):
-        expected = data.alternating_flips(n, seed=3, epoch=epoch)
+        expected = batches.alternating_flips(n, seed=3, epoch=epoch)
         seen = []
         for rank in (0, 1):
             it = DeviceBatches(images, torch.arange(n), 8, TO_UNIT, train=True, seed=3, flip="alternate",
@@ -276,7 +277,7 @@ def test_eval_batches_cover_every_image_in_order():
 
 
 def test_synthetic_data_is_labelled_and_class_dependent():
-    arrays = data.make_synthetic(500, 100, noise=0.35, seed=0)
+    arrays = cifar10.make_synthetic(500, 100, noise=0.35, seed=0)
     assert arrays.source == "synthetic" and arrays.train_x.shape == (500, 3, 32, 32)
     means = torch.stack([arrays.train_x[arrays.train_y == c].float().mean(0) for c in range(10)])
     assert (means[0] - means[1]).abs().mean() > 10  # classes differ by much more than noise averages out to
@@ -286,7 +287,7 @@ def test_synthetic_data_is_labelled_and_class_dependent():
 def test_training_batches_are_crops_and_mirrors_of_each_image_once_per_epoch(monkeypatch, prep_images):
     """The epoch is augmented several batches at a time, then sliced: each image still arrives once, as one of the
     reflect-padded crop windows of itself or of its mirror image, normalised, in the asked memory format."""
-    monkeypatch.setitem(data.PREP_IMAGES, "cpu", prep_images)
+    monkeypatch.setitem(batches.PREP_IMAGES, "cpu", prep_images)
     n, pad = 96, 2
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     norm = Normalize(torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
@@ -337,7 +338,7 @@ def _per_batch_reference(images, labels, bs, norm, seed, epoch, flip, pad, rank=
 def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatch, prep_images, flip, pad, rank, fmt):
     """Augmenting several batches at once changes nothing: every batch, pixel for pixel, is what augmenting it on its
     own with its (seed, epoch, batch) generator gave, so runs of earlier versions replay exactly."""
-    monkeypatch.setitem(data.PREP_IMAGES, "cpu", prep_images)
+    monkeypatch.setitem(batches.PREP_IMAGES, "cpu", prep_images)
     n, bs = 200, 16
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     norm = Normalize(torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
@@ -355,11 +356,11 @@ def test_training_batches_are_exactly_those_of_per_batch_augmentation(monkeypatc
 def test_training_views_are_cut_from_the_training_split_without_a_copy_of_it():
     """The training split is kept channels_last, so the (N, H, W, C) pixel rows the views are cut from are the split
     itself, not a second copy of it in device memory."""
-    dm = datamodule.CifarDataModule(data.make_synthetic(300, 10, noise=0.5, seed=0), n_val=50, split_seed=0, batch_size=32,
+    dm = datamodule.CifarDataModule(cifar10.make_synthetic(300, 10, noise=0.5, seed=0), n_val=50, split_seed=0, batch_size=32,
                               eval_batch_size=64, normalize=True, flip="alternate", crop_padding=4, seed=0)
-    batches = dm._train_batches()
+    loader = dm.train_dataloader()
     assert dm.train_x.is_contiguous(memory_format=torch.channels_last)
-    assert batches.pixel_rows.data_ptr() == dm.train_x.data_ptr() and batches.pixel_rows.shape == (250, 32, 32, 3)
+    assert loader.pixel_rows.data_ptr() == dm.train_x.data_ptr() and loader.pixel_rows.shape == (250, 32, 32, 3)
     assert DeviceBatches(dm.val_x, dm.val_y, 64, dm.normalizer).pixel_rows is None  # evaluation cuts no views
 
 

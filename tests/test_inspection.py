@@ -21,11 +21,11 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cifarlab import board, config, data, datamodule, inspection
+from cifarlab import batches, board, build, cifar10, datamodule, inspection
 from conftest import REPO, compose_config, option_names, read_metrics, run_cli
 
 PAD = inspection.GRID_PADDING
-STAGE_TAGS = [f"pool/stage{i}/{side}" for i in (1, 2, 3) for side in ("before", "after", "unpool")]
+STAGE_TAGS = [f"pool/stage{i}" for i in (1, 2, 3)]
 INPUT_TAGS = ["pool/input", "pool/input/configured", "pool/input/max_vs_avg", "pool/input/unpool"]
 FIGURE_TAGS = ["test/confusion_matrix", "test/per_class_acc", "test/misclassified"]
 ARTIFACTS = REPO / "test-artifacts"
@@ -52,15 +52,24 @@ def images(run_dir: Path) -> dict[str, list[tuple[int, np.ndarray]]]:
     return out
 
 
-def tiles(grid: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Cut a make_grid image (padding PAD) back into its tiles: (rows, cols, h, w, 3)."""
-    h, w = (grid.shape[0] - PAD) // rows - PAD, (grid.shape[1] - PAD) // cols - PAD
-    assert grid.shape[:2] == (rows * (h + PAD) + PAD, cols * (w + PAD) + PAD), grid.shape
+def tiles(grid: np.ndarray, rows: int, cols: int, pad: int = PAD) -> np.ndarray:
+    """Cut a make_grid image (padding `pad`) back into its tiles: (rows, cols, h, w, 3)."""
+    h, w = (grid.shape[0] - pad) // rows - pad, (grid.shape[1] - pad) // cols - pad
+    assert grid.shape[:2] == (rows * (h + pad) + pad, cols * (w + pad) + pad), grid.shape
     return np.stack([
-        np.stack([grid[PAD + r * (h + PAD): PAD + r * (h + PAD) + h, PAD + c * (w + PAD): PAD + c * (w + PAD) + w]
+        np.stack([grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w]
                   for c in range(cols)])
         for r in range(rows)
     ])
+
+
+def stage_cells(grid: np.ndarray, views: int) -> np.ndarray:
+    """Cut a stage image (inspection.stage_grid) into its maps: (images, channels, views, h, w) grey pixels."""
+    cb = compose_config().callbacks.pooling_images
+    cells = tiles(grid, cb.maps_images, cb.channels, pad=inspection.CELL_PADDING)[..., 0]  # grey: R = G = B
+    width = (cells.shape[-1] - (views - 1) * PAD) // views
+    assert cells.shape[-1] == views * width + (views - 1) * PAD
+    return np.stack([cells[..., v * (width + PAD): v * (width + PAD) + width] for v in range(views)], axis=2)
 
 
 @pytest.fixture(scope="module")
@@ -79,26 +88,27 @@ def test_every_pooling_and_figure_tag_is_written(run):
     assert all(len(logged[t]) == 1 for t in INPUT_TAGS)
 
 
-def test_stage_maps_are_stored_grey_and_the_input_views_in_colour(run):
-    run_dir = run[0]
-    stored = {tag: {Image.open(io.BytesIO(e.encoded_image_string)).mode for e in acc.Images(tag)}
-              for acc in accumulators(run_dir) for tag in acc.Tags()["images"]}
-    assert all(stored[t] == {"L"} for t in STAGE_TAGS), stored  # one channel: a third of the pixels to encode
-    assert all(stored[t] == {"RGB"} for t in INPUT_TAGS + FIGURE_TAGS), stored
+def test_stage_maps_are_grey_and_the_input_views_in_colour(run):
+    _, _, logged = run
+    for tag in STAGE_TAGS:
+        pixels = logged[tag][-1][1]
+        assert (pixels == pixels[..., :1]).all(), tag  # R = G = B
+    for tag in INPUT_TAGS:
+        pixels = logged[tag][-1][1]
+        assert not (pixels == pixels[..., :1]).all(), tag
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_add_png_stores_exactly_the_given_pixels(tmp_path, channels):
+def test_add_image_stores_exactly_the_given_pixels(tmp_path, channels):
     image = torch.randint(0, 256, (channels, 37, 53), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     writer = SummaryWriter(str(tmp_path))
-    inspection.add_png(writer, "probe", image, 7)
+    inspection.add_image(writer, "probe", image, 7)
     writer.close()
     (acc,) = accumulators(tmp_path)
     (event,) = acc.Images("probe")
     assert (event.step, event.height, event.width) == (7, 37, 53)
-    pixels = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
-    assert pixels.shape == ((37, 53) if channels == 1 else (37, 53, 3))
-    assert np.array_equal(pixels.reshape(37, 53, channels), image.permute(1, 2, 0).numpy())
+    pixels = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+    assert np.array_equal(pixels, image.expand(3, -1, -1).permute(1, 2, 0).numpy())
 
 
 def test_labelled_grid_puts_each_label_over_its_own_image():
@@ -125,9 +135,9 @@ def test_labelled_grid_puts_each_label_over_its_own_image():
 def test_input_views_show_the_same_seeded_validation_images(run, subset_root):
     run_dir, cfg, logged = run
     cb = cfg.callbacks.pooling_images
-    arrays = data.load_cifar10(subset_root, download=False)
-    dm = datamodule.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
-                              256, 1000, True, False, 0, 0)
+    arrays = cifar10.load_cifar10(subset_root, download=False)
+    dm = datamodule.CifarDataModule(arrays, batches.val_count(cfg.data.val_size, len(arrays.train_y)),
+                                    cfg.data.split_seed, 256, 1000, True, False, 0, 0)
     expected = dm.val_x[inspection.pick_images(dm.val_y, cb.per_class, cb.seed)]  # (20, 3, 32, 32) uint8
     assert sorted(dm.val_y[inspection.pick_images(dm.val_y, cb.per_class, cb.seed)].tolist()) == sorted(
         list(range(10)) * cb.per_class)
@@ -149,41 +159,34 @@ def test_max_vs_avg_rows_are_max_and_average_pooling_of_the_images(run):
     assert not torch.equal(got_max, got_avg)
 
 
-def test_logged_after_is_the_pooling_of_the_logged_before(run):
-    """For every stage and every logged step: max-pool the 'before' tiles, get the 'after' tiles, pixel for pixel."""
-    _, cfg, logged = run
-    cb = cfg.callbacks.pooling_images
-    model = config.build_model(cfg.model)
+def test_each_stage_shows_before_after_and_unpool_side_by_side_after_being_the_pooling_of_before(run):
+    """For every stage and every logged step, each channel's cell holds before | after | unpool, each zoomed to 32 px:
+    max-pool the 'before' map and get the 'after' map, pixel for pixel; unpool keeps each window's maximum alone."""
+    _, _, logged = run
+    model = build.network(compose_config().model)
     before_sizes = [32] + [h for h, _ in model.feature_sizes[:-1]]  # the convs keep the size; pooling halves it
     for i, (size_in, (size_out, _)) in enumerate(zip(before_sizes, model.feature_sizes), start=1):
-        for (step, before), (step2, after) in zip(logged[f"pool/stage{i}/before"], logged[f"pool/stage{i}/after"]):
-            assert step == step2
-            b = tiles(before, cb.maps_images, cb.channels)[..., 0]  # grey: R = G = B
-            a = tiles(after, cb.maps_images, cb.channels)[..., 0]
+        for step, grid in logged[f"pool/stage{i}"]:
+            maps = stage_cells(grid, views=3)  # (K, C, 3, 32, 32)
             zb, za = 32 // size_in, 32 // size_out
-            assert b.shape[-1] == a.shape[-1] == 32  # small maps are zoomed to the same tile size
-            b_map = torch.from_numpy(b[..., ::zb, ::zb].astype(np.float32))  # (K, C, size_in, size_in)
-            a_map = torch.from_numpy(a[..., ::za, ::za].astype(np.float32))
+            assert maps.shape[-1] == 32  # small maps are zoomed to the same tile size
+            b_map = torch.from_numpy(maps[:, :, 0, ::zb, ::zb].astype(np.float32))  # (K, C, size_in, size_in)
+            a_map = torch.from_numpy(maps[:, :, 1, ::za, ::za].astype(np.float32))
+            u_map = torch.from_numpy(maps[:, :, 2, ::zb, ::zb].astype(np.int32))
             assert torch.equal(F.max_pool2d(b_map, 2), a_map), (i, step)
             assert b_map.std() > 10  # real feature maps, not a blank tile
+            windows_u = u_map.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (..., 4)
+            windows_b = b_map.int().unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+            assert ((windows_u != 0).sum(-1) <= 1).all(), i  # at most the one kept value per window
+            kept = windows_u.max(-1).values
+            assert torch.equal(kept[kept > 0], windows_b.max(-1).values[kept > 0])  # and it is the window's maximum
+            assert (u_map == 0).float().mean() >= 0.75  # three of every four values dropped
 
 
-def test_unpool_is_zero_wherever_max_pooling_dropped_a_value(run):
+def test_input_unpool_rows_drop_three_of_every_four_values(run):
     _, cfg, logged = run
-    cb = cfg.callbacks.pooling_images
-    for i, size in zip((1, 2, 3), (32, 16, 8)):
-        zoom = 32 // size
-        b = tiles(logged[f"pool/stage{i}/before"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::zoom, ::zoom]
-        u = tiles(logged[f"pool/stage{i}/unpool"][-1][1], cb.maps_images, cb.channels)[..., 0][..., ::zoom, ::zoom]
-        windows_u = torch.from_numpy(u.astype(np.int32)).unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # (..., 4)
-        windows_b = torch.from_numpy(b.astype(np.int32)).unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
-        assert ((windows_u != 0).sum(-1) <= 1).all(), i  # at most the one kept value per window
-        kept = windows_u.max(-1).values
-        nonzero = kept > 0
-        assert torch.equal(kept[nonzero], windows_b.max(-1).values[nonzero])  # and it is the window's maximum
-        assert (u == 0).mean() >= 0.75  # three of every four values dropped
     full = tiles(logged["pool/input/unpool"][0][1], 2 * cfg.callbacks.pooling_images.per_class, 10)
-    assert (full[1::2] == 0).mean() >= 0.75  # the input images' unpool rows too (each colour channel pools alone)
+    assert (full[1::2] == 0).mean() >= 0.75  # each colour channel pools alone
 
 
 def test_graph_has_every_layer_of_the_model(run):
@@ -196,12 +199,12 @@ def test_graph_has_every_layer_of_the_model(run):
         assert any(scope in n for n in names), scope
 
 
-GRAPH_CASES = [(g, o) for g in config.LAYER_GROUPS for o in option_names(f"model/{g}")]
+GRAPH_CASES = [(g, o) for g in build.LAYER_GROUPS for o in option_names(f"model/{g}")]
 
 
 @pytest.mark.parametrize("group,option", GRAPH_CASES, ids=[f"{g}={o}" for g, o in GRAPH_CASES])
 def test_graph_traces_for_every_option_in_eval_mode(tmp_path, group, option):
-    model = config.build_model(compose_config(f"model/{group}={option}").model).train()
+    model = build.network(compose_config(f"model/{group}={option}").model).train()
     writer = SummaryWriter(str(tmp_path))
     inspection.log_graph(writer, model, torch.zeros(2, 3, 32, 32))
     writer.close()
@@ -261,10 +264,11 @@ def hparams_written(run_dir: Path) -> tuple[dict, list[str]]:
 def test_hparams_hold_the_choices_and_real_metrics(run):
     run_dir, cfg, _ = run
     hparams, metric_tags = hparams_written(run_dir)
-    assert hparams["model/pool"] == "max" and hparams["model/activation"] == "none"
+    assert (hparams["Pool"], hparams["Activation"], hparams["Norm"], hparams["Dropout"]) == ("max", "none", "none", "none")
     assert hparams["model/pool.kernel_size"] == 2 and hparams["lr"] == pytest.approx(cfg.optimizer.lr)
-    assert {"optimizer", "batch_size", "epochs", "seed", "data_source", "model/norm", "model/dropout"} <= hparams.keys()
-    assert sorted(metric_tags) == ["hparams/best_val_acc", "hparams/epoch_s", "hparams/params", "hparams/test_acc"]
+    assert {"optimizer", "batch_size", "epochs", "seed", "data_source", "version/torch", "version/git_commit"
+            } <= hparams.keys()
+    assert metric_tags == ["hparams/test_acc", "hparams/best_val_acc", "hparams/params", "hparams/epoch_s"]
     scalars = {}
     for acc in accumulators(run_dir):
         for tag in acc.Tags()["scalars"]:
@@ -285,39 +289,35 @@ def test_plain_callbacks_write_no_inspection(tmp_path):
 
 
 def synthetic_pooling_run(tmp_path: Path, pool: str) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """One epoch on made-up images with model/pool=<pool>; its logged images. Only max pooling has unpool views."""
+    """One epoch on made-up images with model/pool=<pool>; its logged images."""
     run_dir = tmp_path / pool
     result = run_cli("data=synthetic", "data.n_train=600", "trainer.max_epochs=1", f"model/pool={pool}",
                      "model/activation=relu", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    logged = images(run_dir)
-    assert not any(t.endswith("/unpool") and t.startswith("pool/stage") for t in logged)
-    return logged
+    return images(run_dir)
 
 
-def stage_maps(logged: dict, tag: str, size: int) -> torch.Tensor:
-    """The last logged grid of `tag`, cut into its (images, channels) maps of size x size px, un-zoomed: floats."""
-    cb = compose_config().callbacks.pooling_images
-    zoom = 32 // size
-    grey = tiles(logged[tag][-1][1], cb.maps_images, cb.channels)[..., 0]  # grey: R = G = B
-    return torch.from_numpy(grey[..., ::zoom, ::zoom].astype(np.float32))
+def unzoomed(maps: np.ndarray, size: int) -> torch.Tensor:
+    return torch.from_numpy(maps[..., :: 32 // size, :: 32 // size].astype(np.float32))
 
 
-def test_avg_pooling_run_logs_avg_after_and_no_unpool(tmp_path):
+def test_avg_pooling_run_shows_before_and_after_without_unpool(tmp_path):
     logged = synthetic_pooling_run(tmp_path, "avg")
-    recomputed = F.avg_pool2d(stage_maps(logged, "pool/stage2/before", 16), 2)
-    assert (recomputed - stage_maps(logged, "pool/stage2/after", 8)).abs().max() <= 1  # rounding of the shown pixels
+    maps = stage_cells(logged["pool/stage2"][-1][1], views=2)  # before | after: no unpool for average pooling
+    recomputed = F.avg_pool2d(unzoomed(maps[:, :, 0], 16), 2)
+    assert (recomputed - unzoomed(maps[:, :, 1], 8)).abs().max() <= 1  # rounding of the shown pixels
 
 
-def test_blurmax_run_logs_the_dense_max_map_and_its_blurred_samples(tmp_path):
-    """model/pool=blurmax: pool/stage{i}/dense_max is the stride-1 max of the logged 'before' tiles (exactly: max
-    commutes with the display scaling and rounding), and 'after' is its [1 2 1]^2 / 16 blur sampled every 2 px."""
+def test_blurmax_run_shows_the_dense_max_map_between_before_and_its_blurred_samples(tmp_path):
+    """model/pool=blurmax: each cell is before | dense max | after. The dense map is the stride-1 max of the shown
+    'before' map (exactly: max commutes with the display scaling and rounding), and 'after' is its [1 2 1]^2 / 16
+    blur sampled every 2 px."""
     logged = synthetic_pooling_run(tmp_path, "blurmax")
     blur = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]])[None, None] / 16
     for i, size in zip((1, 2, 3), (32, 16, 8)):
-        before = stage_maps(logged, f"pool/stage{i}/before", size)  # (K, C, size, size)
-        dense = stage_maps(logged, f"pool/stage{i}/dense_max", size)
-        after = stage_maps(logged, f"pool/stage{i}/after", size // 2).flatten(0, 1)[:, None]  # (K * C, 1, h, w)
+        maps = stage_cells(logged[f"pool/stage{i}"][-1][1], views=3)
+        before, dense = unzoomed(maps[:, :, 0], size), unzoomed(maps[:, :, 1], size)  # (K, C, size, size)
+        after = unzoomed(maps[:, :, 2], size // 2).flatten(0, 1)[:, None]  # (K * C, 1, h, w)
         assert torch.equal(F.max_pool2d(before, 3, 1, 1), dense), i
         blurred = F.conv2d(F.pad(dense.flatten(0, 1)[:, None], (1, 1, 1, 1), mode="reflect"), blur, stride=2)
         assert (blurred - after).abs().max() <= 1, i  # rounding of the shown pixels
@@ -363,9 +363,16 @@ def test_server_lists_images_scalars_graph_histograms_and_hparams(server, run):
     groups = get(f"{server}/data/plugin/hparams/session_groups",
                  {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"], "colParams": [],
                   "startIndex": 0, "sliceSize": 10})["sessionGroups"]
-    assert len(groups) == 1 and groups[0]["hparams"]["model/pool"] == "max"
+    assert len(groups) == 1 and groups[0]["hparams"]["Pool"] == "max"
     values = {m["name"]["tag"]: m["value"] for m in groups[0]["metricValues"]}
     assert values["hparams/test_acc"] == pytest.approx(read_metrics(run[0])["test_acc"])
+
+
+def test_the_hparams_dashboard_shows_the_four_layer_choices_and_the_test_accuracy_first(server):
+    experiment = get(f"{server}/data/plugin/hparams/experiment", {"experimentName": ""})
+    columns = [h["name"] for h in experiment["hparamInfos"]]
+    assert set(columns[:4]) == {"Pool", "Activation", "Norm", "Dropout"}, columns
+    assert [m["name"]["tag"] for m in experiment["metricInfos"]][0] == "hparams/test_acc"
 
 
 def photo_colours(pixels: np.ndarray) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab import config
+from cifarlab import build
 from cifarlab.model import BlurMaxPool2d, CifarNet, count_parameters, pool_output_size, pooled_size
 from conftest import compose_config, option_names
 
@@ -34,7 +34,7 @@ def leaf_layers(model: nn.Module) -> list[str]:
 
 
 def test_default_model_is_the_documented_network():
-    model = config.build_model(compose_config().model)
+    model = build.network(compose_config().model)
     reference = seed_model()
     assert count_parameters(model) == count_parameters(reference) == 145_578  # the figure the seed documents
     assert leaf_layers(model) == leaf_layers(reference)
@@ -46,15 +46,15 @@ def test_default_model_is_the_documented_network():
     torch.testing.assert_close(model(x), reference(x))
 
 
-MODEL_OPTIONS = [(g, o) for g in config.LAYER_GROUPS for o in option_names(f"model/{g}")]
+MODEL_OPTIONS = [(g, o) for g in build.LAYER_GROUPS for o in option_names(f"model/{g}")]
 
 
 @pytest.mark.parametrize("group,option", MODEL_OPTIONS, ids=[f"{g}={o}" for g, o in MODEL_OPTIONS])
 def test_every_option_builds_and_trains_a_step(group, option):
     torch.manual_seed(0)
     cfg = compose_config(f"model/{group}={option}")
-    model = config.build_model(cfg.model)
-    optimizer = config.build_optimizer(cfg.optimizer)(model.parameters())
+    model = build.network(cfg.model)
+    optimizer = build.optimizer(cfg.optimizer)(model.parameters())
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     logits = model(x)
     assert logits.shape == (8, 10)
@@ -72,31 +72,31 @@ def test_every_option_builds_and_trains_a_step(group, option):
 @pytest.mark.parametrize("option", ["prelu", "batchnorm", "groupnorm"])
 def test_each_stage_gets_its_own_layer_instance(option):
     group = "norm" if option.endswith("norm") else "activation"
-    model = config.build_model(compose_config(f"model/{group}={option}").model)
+    model = build.network(compose_config(f"model/{group}={option}").model)
     layers = [getattr(stage, "norm" if group == "norm" else "act") for stage in model.stages]
     assert len({id(m) for m in layers}) == 3
     assert len({id(p) for m in layers for p in m.parameters()}) == sum(len(list(m.parameters())) for m in layers)
 
 
 def test_prelu_per_channel_gets_each_stage_channel_count():
-    model = config.build_model(compose_config("model/activation=prelu", "model.activation.num_parameters=channels").model)
+    model = build.network(compose_config("model/activation=prelu", "model.activation.num_parameters=channels").model)
     assert [s.act.num_parameters for s in model.stages] == [32, 32, 64]
     assert model.head_act.num_parameters == 64
     assert model.stage1.act.weight.shape == (32,)
 
 
 def test_batchnorm_sees_each_stage_channel_count():
-    model = config.build_model(compose_config("model/norm=batchnorm").model)
+    model = build.network(compose_config("model/norm=batchnorm").model)
     assert [s.norm.num_features for s in model.stages] == [32, 32, 64]
 
 
 def test_head_activation_and_dropout_follow_the_config():
-    on = config.build_model(compose_config("model/activation=relu", "model/dropout=dropout2d").model)
+    on = build.network(compose_config("model/activation=relu", "model/dropout=dropout2d").model)
     names = [n for n, _ in on.named_children()]
     assert names == ["stage1", "stage2", "stage3", "flatten", "fc1", "head_act", "head_drop", "fc2"]
     assert type(on.head_drop) is nn.Dropout  # a vector gets element dropout, even when the stages use Dropout2d
     assert type(on.stage1.drop) is nn.Dropout2d
-    off = config.build_model(
+    off = build.network(
         compose_config("model/activation=relu", "model/dropout=dropout2d", "model.head_activation=false",
                        "model.head_dropout=false").model
     )
@@ -105,7 +105,7 @@ def test_head_activation_and_dropout_follow_the_config():
 
 
 def test_stage_order_is_conv_norm_act_pool_dropout():
-    model = config.build_model(
+    model = build.network(
         compose_config("model/activation=relu", "model/norm=batchnorm", "model/dropout=dropout").model
     )
     assert [n for n, _ in model.stage2.named_children()] == ["conv", "norm", "act", "pool", "drop"]
@@ -138,7 +138,7 @@ def test_output_size_formula_matches_torch_for_max_and_avg_pooling():
     ],
 )
 def test_flatten_size_follows_the_pooling_geometry(overrides):
-    model = config.build_model(compose_config(*overrides).model)
+    model = build.network(compose_config(*overrides).model)
     x = torch.randn(2, 3, 32, 32)
     for stage, expected in zip(model.stages, model.feature_sizes):
         x = stage(x)
@@ -148,7 +148,7 @@ def test_flatten_size_follows_the_pooling_geometry(overrides):
 
 
 def test_pool_io_returns_what_the_stage_computes():
-    model = config.build_model(compose_config("model/activation=relu", "model/norm=batchnorm").model).eval()
+    model = build.network(compose_config("model/activation=relu", "model/norm=batchnorm").model).eval()
     x = torch.randn(2, 3, 32, 32)
     before, after, out = model.stage1.pool_io(x)
     torch.testing.assert_close(after, model.stage1.pool(before))
@@ -157,7 +157,7 @@ def test_pool_io_returns_what_the_stage_computes():
 
 
 def test_model_refuses_a_geometry_that_leaves_nothing():
-    with pytest.raises(ValueError, match="stage 3 pools its feature map to 0x0"):
+    with pytest.raises(ValueError, match=r"shrinks a feature map to nothing \(.*; stage3 2x2 -> 0x0\)"):
         CifarNet(pool_layer=lambda c: nn.MaxPool2d(4))
 
 
@@ -210,8 +210,8 @@ def test_blurmax_is_less_moved_by_a_one_pixel_shift_than_max_pooling():
 
 
 def test_blurmax_in_the_model_keeps_the_parameters_and_the_flatten_size():
-    max_model = config.build_model(compose_config("experiment=best", "model/pool=max").model)  # 3/2/1, from best
-    blur_model = config.build_model(compose_config("experiment=best").model)
+    max_model = build.network(compose_config("experiment=best", "model/pool=max").model)  # 3/2/1, from best
+    blur_model = build.network(compose_config("experiment=best").model)
     assert type(max_model.stage1.pool) is nn.MaxPool2d
     assert count_parameters(blur_model) == count_parameters(max_model)
     assert blur_model.feature_sizes == max_model.feature_sizes == [(16, 16), (8, 8), (4, 4)]

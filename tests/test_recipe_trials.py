@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, read_metrics
 
+pytestmark = pytest.mark.slow  # a tool (scripts/), not the product: `make test ARGS="-m 'not slow'"` skips it
+
 
 def test_runs_every_variant_and_seed_and_scores_both_checkpoints(tmp_path):
     out, runs = tmp_path / "trials.jsonl", tmp_path / "runs"

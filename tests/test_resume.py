@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
-from cifarlab import checkpoint, run_folder, train
+from cifarlab import checkpoint, prepare, run_folder, train
 from conftest import CLI, compose_config, read_metrics, run_cli
 
 # Dropout and RReLU draw from the global RNG every step, so equal results need the RNG restored too. Logging every
@@ -150,9 +150,9 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path):
                                                                   torch.arange(4.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no partial file left behind
     # A kill (not an exception) leaves the partial file; resuming removes it and keeps the checkpoint.
-    leftover = checkpoint.partial_save(path)
+    leftover = path.with_name(f".{path.name}.partial-12345")  # as run_folder.atomic_write names it
     leftover.write_bytes(b"PK\x03\x04 half a zip")
-    assert checkpoint.remove_partial_saves(tmp_path) == [leftover]
+    assert run_folder.remove_partial_writes(tmp_path) == [leftover]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
@@ -186,46 +186,10 @@ def test_last_checkpoint_is_written_after_every_epoch_not_only_the_improving_one
     (Lightning's save_last alone writes it only alongside a new best checkpoint)."""
     # Learning rate 1e-12: the weights barely move, so val/acc never improves after the first epoch (by design, not by
     # the luck of a seed), and best.ckpt stays at epoch 0 while last.ckpt must move on.
-    cfg = train.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=200", "data.val_size=200",
+    cfg = prepare.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=200", "data.val_size=200",
                                       "trainer.max_epochs=4", "callbacks=plain", "threads=1", "optimizer.lr=1e-12",
                                       "scheduler=none"))
     probe = CheckpointEpochs(tmp_path / "checkpoints")
-    train.train(cfg, tmp_path, extra_callbacks=[probe])
+    train.run(cfg, tmp_path, extra_callbacks=[probe])
     assert [(epoch - 1, epoch - 1) for epoch, _, _ in probe.seen] == [(last, epoch - 1) for epoch, last, _ in probe.seen]
     assert [best for _, _, best in probe.seen] == [0, 0, 0], probe.seen  # no epoch after the first improved val/acc
-
-
-class KeepFirstCheckpoint(L.Callback):
-    """Copies checkpoints/last.ckpt as the first epoch left it, when the second starts."""
-
-    def __init__(self, run_dir: Path, to: Path):
-        self.last, self.to = run_dir / "checkpoints" / checkpoint.LAST, to
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == 1:
-            self.to.write_bytes(self.last.read_bytes())
-
-
-def test_a_checkpoint_of_the_versions_where_lightning_stepped_the_optimizer_resumes_at_its_step(tmp_path):
-    """Before steps_per_call, Lightning's automatic optimization counted the steps, and checkpoints hold the count
-    there (the manual loop's count is 0). Resuming such a checkpoint continues at its step: the run ends with the
-    steps, schedule and scores of the run never stopped."""
-    cfg = train.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=256", "data.val_size=200",
-                                      "data.batch_size=50", "trainer.max_epochs=2", "callbacks=plain", "threads=2",
-                                      "test_checkpoint=last"))  # best.ckpt stays in the reference's folder
-    reference, resumed, first = tmp_path / "reference", tmp_path / "resumed", tmp_path / "epoch1.ckpt"
-    reference.mkdir()
-    want = train.train(cfg, reference, extra_callbacks=[KeepFirstCheckpoint(reference, first)])
-    old = torch.load(first, weights_only=False)
-    loops = old["loops"]["fit_loop"]
-    manual = "epoch_loop.manual_optimization.optim_step_progress"
-    assert loops[manual]["total"]["completed"] == old["global_step"] == 20
-    loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = loops[manual]
-    loops[manual] = {"total": {"ready": 0, "completed": 0}, "current": {"ready": 0, "completed": 0}}
-    (resumed / "checkpoints").mkdir(parents=True)
-    torch.save(old, resumed / "checkpoints" / checkpoint.LAST)
-    (resumed / run_folder.SAVED_CONFIG).write_text((reference / run_folder.SAVED_CONFIG).read_text())
-    got = train.train(cfg, resumed, resume=True)
-    assert got["steps"] == want["steps"] == 40
-    for key in ("test_acc", "test_loss", "epochs"):
-        assert got[key] == want[key], key

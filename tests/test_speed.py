@@ -16,22 +16,22 @@ import torch
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarlab import config, inspection, train
+from cifarlab import build, inspection, prepare, train
 from cifarlab.module import CifarModule
 from conftest import REPO, compose_config, read_metrics
 
 
 def test_precision_auto_is_fp32_on_a_cpu_and_bf16_mixed_on_a_gpu_that_has_bf16(monkeypatch):
     assert compose_config().trainer.precision == "auto"
-    assert train.training_precision("auto", "cpu") == "32-true"
-    assert train.training_precision("16-mixed", "auto") == "16-mixed"  # an explicit choice is kept
+    assert prepare.training_precision("auto", "cpu") == "32-true"
+    assert prepare.training_precision("16-mixed", "auto") == "16-mixed"  # an explicit choice is kept
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.training_precision("auto", "auto") == "bf16-mixed"
-    assert train.training_precision("auto", "gpu") == "bf16-mixed"
-    assert train.training_precision("auto", "cpu") == "32-true"  # accelerator=cpu on a GPU machine
+    assert prepare.training_precision("auto", "auto") == "bf16-mixed"
+    assert prepare.training_precision("auto", "gpu") == "bf16-mixed"
+    assert prepare.training_precision("auto", "cpu") == "32-true"  # accelerator=cpu on a GPU machine
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
-    assert train.training_precision("auto", "auto") == "16-mixed"
+    assert prepare.training_precision("auto", "auto") == "16-mixed"
 
 
 @pytest.mark.parametrize("optimizer,rule", [("adamw", math.sqrt), ("sgd", lambda r: r)])
@@ -54,7 +54,7 @@ def test_an_unknown_scaling_rule_is_refused_by_name():
 def _module(**kwargs) -> CifarModule:
     cfg = compose_config("model/norm=batchnorm", "model/activation=relu")
     torch.manual_seed(0)
-    return CifarModule(config.build_model(cfg.model), config.build_optimizer(cfg.optimizer), **kwargs).eval()
+    return CifarModule(build.network(cfg.model), build.optimizer(cfg.optimizer), **kwargs).eval()
 
 
 def test_channels_last_gives_the_same_logits_as_contiguous():
@@ -99,7 +99,7 @@ def test_a_test_with_flips_also_reports_the_accuracy_without_them():
     """test/acc_no_flips is the same checkpoint on the same images without the mirror: what the flips bought."""
     torch.manual_seed(0)
     linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))  # sees left from right
-    module = CifarModule(linear, config.build_optimizer(compose_config().optimizer), test_flips=True)
+    module = CifarModule(linear, build.optimizer(compose_config().optimizer), test_flips=True)
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
         y = module.model(x).argmax(1)  # labels the unflipped model gets all right
@@ -111,19 +111,19 @@ def test_a_test_with_flips_also_reports_the_accuracy_without_them():
     assert result["test/acc_no_tta"] == 1.0
     assert result["test/acc"] == pytest.approx(flip_acc)
     no_flips = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-    plain = CifarModule(linear, config.build_optimizer(compose_config().optimizer))
+    plain = CifarModule(linear, build.optimizer(compose_config().optimizer))
     assert "test/acc_no_tta" not in no_flips.test(plain, dataloaders=batches, verbose=False)[0]
 
 
 def _synthetic_cfg(tmp_path, *overrides: str):
-    return train.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=256", "data.val_size=200",
+    return prepare.settle(compose_config("data=synthetic", "data.n_train=1200", "data.n_test=256", "data.val_size=200",
                                        "data.batch_size=50", "trainer.max_epochs=1", "trainer.log_every_n_steps=5",
                                        "threads=2", *overrides))
 
 
 def test_compiled_run_trains_logs_its_graph_and_saves_plain_checkpoints(tmp_path):
     cfg = _synthetic_cfg(tmp_path, "compile=true", "test_flips=true", "trainer.limit_train_batches=6")
-    metrics = train.train(cfg, tmp_path)
+    metrics = train.run(cfg, tmp_path)
     graph = EventAccumulator(str(tmp_path)).Reload().Graph()  # traced from the eager module (jit.trace can't compiled)
     assert any(node.op == "aten::_convolution" for node in graph.node)
     assert 0 <= metrics["test_acc_no_tta"] <= 1 and 0 <= metrics["test_acc"] <= 1
@@ -134,17 +134,14 @@ def test_compiled_run_trains_logs_its_graph_and_saves_plain_checkpoints(tmp_path
 
 
 class SyncCounter(L.Callback):
-    """Counts the tensor -> Python conversions (each one a host sync on a GPU) made while the module trains on each
-    group of batches Lightning hands it (steps_per_call), keyed by the optimizer steps the group took.
-
-    The optimizers' own step counters are left out: torch keeps them on the host by design (non-capturable Adam/SGD),
-    so reading them is no sync on a GPU either.
-    """
+    """Counts the tensor -> Python conversions (each one a host sync on a GPU) made in each training step, keyed by
+    the step. The optimizers' own step counters are left out: torch keeps them on the host by design (non-capturable
+    Adam/SGD), so reading them is no sync on a GPU either."""
 
     METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
     def __init__(self, monkeypatch):
-        self.by_group: dict[tuple[int, ...], int] = {}
+        self.by_step: dict[int, int] = {}
         self.count: int | None = None
         for name in self.METHODS:
             original = getattr(torch.Tensor, name)
@@ -160,27 +157,28 @@ class SyncCounter(L.Callback):
         return wrapper
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.count = 0
+        self.count, self.step = 0, trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.by_group[tuple(outputs["steps"])] = self.count  # counted up to here: the other callbacks ran before
+        self.by_step[self.step] = self.count  # counted up to here: the callbacks listed before this one ran
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.count = None
 
 
 def test_a_training_step_reads_nothing_back_from_the_device_except_on_logging_steps(tmp_path, monkeypatch):
-    """Every group of steps of the real pipeline (default callbacks: TensorBoard, inspection, checkpoints, the NaN
-    guard) that holds no log_every_n_steps-th step is free of tensor -> Python conversions, the host syncs that stall
-    a GPU. (Syncs inside C++ ops, such as torch.unique, are not seen from Python; on a GPU,
+    """Every step of the real pipeline (default callbacks: TensorBoard, inspection, checkpoints, the epoch lines, the
+    NaN guard) but the log_every_n_steps-th is free of tensor -> Python conversions, the host syncs that stall a GPU.
+    (Syncs inside C++ ops, such as torch.unique, are not seen from Python; on a GPU,
     torch.cuda.set_sync_debug_mode shows those.)"""
     counter = SyncCounter(monkeypatch)
-    cfg = _synthetic_cfg(tmp_path, "steps_per_call=2", "trainer.log_every_n_steps=10", "trainer.max_epochs=2")
-    train.train(cfg, tmp_path, extra_callbacks=[counter])
+    cfg = _synthetic_cfg(tmp_path, "trainer.log_every_n_steps=10", "trainer.max_epochs=2")
+    train.run(cfg, tmp_path, extra_callbacks=[counter])
     every = cfg.trainer.log_every_n_steps
-    assert [s for group in counter.by_group for s in group] == list(range(40))  # 20 steps an epoch, two a group
-    logs = lambda group: any((s + 1) % every == 0 for s in group)  # noqa: E731
-    quiet = {group: n for group, n in counter.by_group.items() if not logs(group)}
-    logging = {group: n for group, n in counter.by_group.items() if logs(group)}
-    assert len(quiet) >= 15 and all(n == 0 for n in quiet.values()), quiet
+    assert sorted(counter.by_step) == list(range(40))  # 20 steps an epoch
+    quiet = {s: n for s, n in counter.by_step.items() if (s + 1) % every}
+    logging = {s: n for s, n in counter.by_step.items() if not (s + 1) % every}
+    assert len(quiet) == 36 and all(n == 0 for n in quiet.values()), quiet
     assert len(logging) == 4 and all(n > 0 for n in logging.values()), logging  # the counter does see them
 
 
@@ -196,31 +194,26 @@ def test_inspection_is_never_in_the_per_step_path():
 
 
 class StepRecorder(L.Callback):
-    """Every optimizer step's loss (of the step's last batch, before the module divides it for accumulation) and
-    learning rate, from the hooks Lightning still calls once per backward pass and once per optimizer step."""
+    """Every optimizer step's loss and learning rate, from the hooks Lightning calls once per backward pass and once
+    per optimizer step."""
 
-    def __init__(self, accumulate: int = 1):
-        self.accumulate = accumulate  # batches per optimizer step
+    def __init__(self):
         self.loss: dict[int, float] = {}
         self.lr: dict[int, float] = {}
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        self.loss[trainer.global_step] = float(loss.detach()) * self.accumulate  # a later batch of the step overwrites it
+        self.loss[trainer.global_step] = float(loss.detach())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.lr[trainer.global_step] = optimizer.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_values(tmp_path, accumulate):
-    """train/loss and train/lr are logged only on every log_every_n_steps-th optimizer step (self.log costs more host
-    time than a GPU step), also when that step lies inside a group of steps_per_call batches (16: groups of 16 and 4
-    here): each gets exactly its own loss and rate, and no other step is written. With gradient accumulation the loss
-    is the step's last batch's own, not the one divided by the batches for the backward pass."""
-    recorder = StepRecorder(accumulate)
-    epochs = 2 * accumulate  # the same number of optimizer steps either way
-    cfg = _synthetic_cfg(tmp_path, f"trainer.max_epochs={epochs}", f"+trainer.accumulate_grad_batches={accumulate}")
-    train.train(cfg, tmp_path, extra_callbacks=[recorder])
+def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_values(tmp_path):
+    """train/loss and train/lr are logged on every log_every_n_steps-th optimizer step (Lightning's rule), each with
+    exactly its own loss and the rate that step used."""
+    recorder = StepRecorder()
+    cfg = _synthetic_cfg(tmp_path, "trainer.max_epochs=2")
+    train.run(cfg, tmp_path, extra_callbacks=[recorder])
     acc = EventAccumulator(str(tmp_path)).Reload()
     every, steps = cfg.trainer.log_every_n_steps, len(recorder.loss)
     expected = [s for s in range(steps) if (s + 1) % every == 0]
@@ -233,123 +226,24 @@ def test_loss_and_lr_reach_tensorboard_every_log_every_n_steps_with_that_steps_v
 
 
 def test_train_accuracy_is_the_accuracy_of_the_epochs_own_batches(tmp_path):
-    """train/acc is scored from predictions kept on the device during the epoch (one update at its end). With a
-    learning rate of 1e-12 the weights stay those of the start, so it must equal the initial model's accuracy on the
-    epoch's augmented batches, computed here independently."""
+    """train/acc is scored from the epoch's own batches as they were trained on. With a learning rate of 1e-12 the
+    weights stay those of the start, so it must equal the initial model's accuracy on the epoch's augmented batches,
+    computed here independently."""
     cfg = _synthetic_cfg(tmp_path, "optimizer.lr=1e-12", "scheduler=none", "callbacks=plain")
-    torch.manual_seed(0)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    initial = config.build_model(cfg.model).to(memory_format=torch.channels_last)
-    train.train(cfg, tmp_path)
+    (tmp_path / "again").mkdir()
+    again = prepare.prepare(cfg.copy(), tmp_path / "again")  # the same seed: the same initial weights and batches
+    initial = {k: v.clone() for k, v in again.model.state_dict().items()}
+    train.run(cfg, tmp_path)
     (logged,) = [e.value for e in EventAccumulator(str(tmp_path)).Reload().Scalars("train/acc")]
-    dm = train.make_datamodule(cfg, train.load_data(cfg.data, cfg.data.split_seed))
-    initial.train()  # as in training (no dropout or BatchNorm in the default model, so mode changes nothing)
+    again.model.load_state_dict(initial)
+    again.model.train()  # as in training (no dropout or BatchNorm in the default model, so mode changes nothing)
     correct = total = 0
     with torch.no_grad():
-        for group in dm.train_dataloader():  # groups of steps_per_call batches
-            for x, y in group:
-                correct += int((initial(x).argmax(1) == y).sum())
-                total += len(y)
-    assert total == (len(dm.train_y) // cfg.data.batch_size) * cfg.data.batch_size
+        for x, y in again.datamodule.train_dataloader():
+            correct += int((again.model(x).argmax(1) == y).sum())
+            total += len(y)
+    assert total == (len(again.datamodule.train_y) // cfg.data.batch_size) * cfg.data.batch_size
     assert logged == pytest.approx(correct / total, abs=1e-6)
-
-
-def _weights(run_dir) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-
-
-@pytest.mark.parametrize("extra", [[], ["+trainer.accumulate_grad_batches=3", "trainer.gradient_clip_val=0.05"]],
-                         ids=["plain", "accumulate+clip"])
-def test_steps_per_call_changes_no_number(tmp_path, extra):
-    """Groups of 1, 7 or 16 batches per Lightning call train the same weights, log the same values at the same steps
-    and score the same (CPU, float32): steps_per_call is a speed knob only. Also with accumulation and clipping,
-    whose groups of 3 batches straddle the groups of 7 and 16."""
-    runs = {}
-    for k in (1, 7, 16):
-        (tmp_path / str(k)).mkdir()
-        cfg = _synthetic_cfg(tmp_path / str(k), f"steps_per_call={k}", "trainer.max_epochs=2", "callbacks=plain", *extra)
-        metrics = train.train(cfg, tmp_path / str(k))
-        loss = [(e.step, e.value) for e in EventAccumulator(str(tmp_path / str(k))).Reload().Scalars("train/loss")]
-        runs[k] = metrics, loss, _weights(tmp_path / str(k))
-    (m1, loss1, w1) = runs[1]
-    assert m1["steps"] == (2 * 20 if not extra else 2 * 7) and len(loss1) >= 2
-    for k in (7, 16):
-        metrics, loss, weights = runs[k]
-        assert (metrics["steps"], metrics["test_acc"], metrics["test_loss"]) == (m1["steps"], m1["test_acc"],
-                                                                                m1["test_loss"])
-        assert loss == loss1
-        assert weights.keys() == w1.keys() and all(torch.equal(weights[n], w1[n]) for n in w1)
-
-
-class _Flat:
-    """The batches of data.StepGroups one at a time, for Lightning's own (automatic) optimization."""
-
-    def __init__(self, groups):
-        self.groups = groups
-
-    def __len__(self):
-        return len(self.groups.batches)
-
-    def __iter__(self):
-        for group in self.groups:
-            yield from group
-
-
-class _AutomaticModule(CifarModule):
-    """CifarModule as Lightning's automatic optimization would train it: the reference for the module's own loop."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.automatic_optimization = True
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return self.criterion(self.model(x.contiguous(memory_format=self.memory_format)), y)
-
-    def on_before_optimizer_step(self, optimizer):
-        pass  # Lightning clips itself here
-
-    def total_steps(self):
-        return int(self.trainer.estimated_stepping_batches)
-
-
-def test_the_modules_own_stepping_is_lightnings_automatic_optimization(tmp_path):
-    """The module steps the optimizer itself (so that one Lightning call can take many steps); with accumulation,
-    clipping, the one-cycle schedule and an epoch whose batches do not divide by the accumulation, it must end with
-    the weights Lightning's automatic optimization trains from the same batches. So must the module built without
-    steps_per_epoch on a plain loader of (images, labels) batches, one per call; fitted on the datamodule, its
-    schedule must span the steps (the datamodule's train_batches), not the groups Lightning counts."""
-    cfg = _synthetic_cfg(tmp_path, "trainer.max_epochs=2", "steps_per_call=4")
-    weights = {}
-    for name in ("module", "module on the datamodule", "module on a plain loader", "automatic"):
-        torch.manual_seed(0)
-        dm = train.make_datamodule(cfg, train.load_data(cfg.data, cfg.data.split_seed))
-        model = config.build_model(cfg.model).to(memory_format=torch.channels_last)
-        cls = _AutomaticModule if name == "automatic" else CifarModule
-        told = {"steps_per_epoch": dm.train_batches} if name in ("module", "automatic") else {}
-        module = cls(model, config.build_optimizer(cfg.optimizer), config.build_scheduler(cfg.scheduler),
-                     label_smoothing=0.1, channels_last=True, accumulate_grad_batches=3, gradient_clip_val=0.05,
-                     **told)
-        lightning_own = {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05} if name == "automatic" else {}
-        trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            limit_val_batches=0, **lightning_own)
-        if name == "module on the datamodule":
-            trainer.fit(module, datamodule=dm)
-        else:
-            dm.setup("fit")
-            groups = dm.train_dataloader()
-            trainer.fit(module, train_dataloaders=groups if name == "module" else _Flat(groups))
-        assert trainer.global_step == 2 * 7  # 20 batches an epoch: 6 steps of 3 and one of 2
-        scheduler = trainer.lr_scheduler_configs[0].scheduler
-        assert (scheduler.total_steps, scheduler.last_epoch) == (2 * 7, 2 * 7)  # spans the run, and ran all of it
-        weights[name] = {k: v.clone() for k, v in model.state_dict().items()}
-    # (fitted on the datamodule, the second epoch gets its own shuffle: other batches than the loader reused above)
-    for name in ("module", "module on a plain loader"):
-        assert all(torch.allclose(weights[name][k], weights["automatic"][k], rtol=1e-5, atol=1e-7)
-                   for k in weights["automatic"]), name
-    assert not torch.equal(weights["module"]["stage1.conv.weight"],
-                           config.build_model(cfg.model).state_dict()["stage1.conv.weight"])
 
 
 class _Endless(torch.utils.data.IterableDataset):
@@ -363,35 +257,26 @@ class _Endless(torch.utils.data.IterableDataset):
 
 def test_a_loader_without_a_length_trains_to_max_steps_on_a_schedule_of_max_steps():
     cfg = compose_config()
-    module = CifarModule(config.build_model(cfg.model), config.build_optimizer(cfg.optimizer),
-                         config.build_scheduler(cfg.scheduler), accumulate_grad_batches=2)
+    module = CifarModule(build.network(cfg.model), build.optimizer(cfg.optimizer), build.scheduler(cfg.scheduler))
     trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_steps=5, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Endless(), batch_size=None))
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert (trainer.global_step, scheduler.total_steps, scheduler.last_epoch) == (5, 5, 5)
-    module = CifarModule(config.build_model(cfg.model), config.build_optimizer(cfg.optimizer),
-                         config.build_scheduler(cfg.scheduler))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match=r"the schedule needs a length: set trainer.max_epochs \(with a training "
-                                         r"loader that has a length\) or trainer.max_steps"):
-        trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(_Endless(), batch_size=None))
 
 
 @pytest.mark.parametrize("limit,steps", [("5", 5), ("0.5", 10), ("null", 20)])
-def test_limit_train_batches_and_max_steps_count_batches_not_groups(tmp_path, limit, steps):
-    """trainer.limit_train_batches counts training batches (a count, or a fraction of them) and max_steps counts
-    optimizer steps, however many batches Lightning hands the module at once; a max_steps inside a group stops there
-    and the one-cycle schedule spans exactly the steps taken."""
+def test_limit_train_batches_and_max_steps_are_the_trainers_own(tmp_path, limit, steps):
+    """trainer.limit_train_batches (a count, or a fraction of the batches) and max_steps are Lightning's; the
+    one-cycle schedule spans exactly the steps taken."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     per_epoch = _synthetic_cfg(tmp_path / "a", f"trainer.limit_train_batches={limit}", "callbacks=plain",
-                               "steps_per_call=16", "trainer.max_epochs=2")
-    assert train.train(per_epoch, tmp_path / "a")["steps"] == 2 * steps
+                               "trainer.max_epochs=2")
+    assert train.run(per_epoch, tmp_path / "a")["steps"] == 2 * steps
     capped = _synthetic_cfg(tmp_path / "b", f"trainer.limit_train_batches={limit}", "callbacks=plain",
-                            "steps_per_call=16", "trainer.max_epochs=2", "+trainer.max_steps=7")
+                            "trainer.max_epochs=2", "+trainer.max_steps=7")
     recorder = StepRecorder()
-    assert train.train(capped, tmp_path / "b", extra_callbacks=[recorder])["steps"] == 7
+    assert train.run(capped, tmp_path / "b", extra_callbacks=[recorder])["steps"] == 7
     assert sorted(recorder.lr) == list(range(7))
     assert recorder.lr[6] < recorder.lr[0]  # the schedule was 7 steps long: the last step is near its floor
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarlab import config, data, datamodule, train
+from cifarlab import batches, build, cifar10, datamodule, prepare, train
 from cifarlab.model import count_parameters
 from conftest import compose_config, option_names, read_metrics, run_cli
 
@@ -39,7 +39,7 @@ def test_run_folder_holds_config_events_checkpoints_and_metrics(subset_run):
     assert glob.glob(str(run_dir / "events.out.tfevents.*"))
     metrics = read_metrics(run_dir)
     assert METRIC_KEYS <= metrics.keys()
-    assert metrics["params"] == count_parameters(config.build_model(compose_config().model))
+    assert metrics["params"] == count_parameters(build.network(compose_config().model))
     assert metrics["epochs"] == 4 and metrics["steps"] == 4 * (metrics["n_train"] // 256)
     assert metrics["epoch_s"] > 0 and metrics["train_img_per_s"] > 0
     assert metrics["data_source"] == "cifar10-copy:cifar10-subset"
@@ -59,7 +59,8 @@ def test_last_lines_printed_are_test_accuracy_and_where_the_logs_are(subset_run)
     run_dir, result, _ = subset_run
     last = result.stdout.strip().splitlines()[-2:]
     assert last[0].startswith(f"test/acc {read_metrics(run_dir)['test_acc']:.4f}")
-    assert last[1].startswith(f"logs: {run_dir}")
+    # the folder as a path from where the command ran (here, its parent): what a user can paste
+    assert last[1] == f"logs: {run_dir.name}  (TensorBoard: make tensorboard LOGDIR={run_dir.name})"
 
 
 def test_event_files_hold_every_metric(subset_run):
@@ -82,12 +83,12 @@ def test_test_accuracy_is_the_best_checkpoints(subset_run, subset_root):
     """Reload best.ckpt into a freshly built model and score the test set: the figure metrics.json reports."""
     run_dir, _, args = subset_run
     cfg = compose_config(*args[:2])
-    model = config.build_model(cfg.model).eval()
+    model = build.network(cfg.model).eval()
     state = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    arrays = data.load_cifar10(subset_root, download=False)
-    dm = datamodule.CifarDataModule(arrays, data.val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
-                              256, 1000, True, False, 0, 0)
+    arrays = cifar10.load_cifar10(subset_root, download=False)
+    dm = datamodule.CifarDataModule(arrays, batches.val_count(cfg.data.val_size, len(arrays.train_y)),
+                                    cfg.data.split_seed, 256, 1000, True, False, 0, 0)
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dm.test_dataloader())
     assert correct / len(arrays.test_y) == pytest.approx(read_metrics(run_dir)["test_acc"], abs=1e-6)
@@ -125,8 +126,8 @@ def test_same_config_and_seed_give_the_same_metrics(tmp_path, subset_root):
 
 
 def test_every_function_torch_hands_to_mkl_vml_is_resolved_before_training():
-    """train.VML_OPS must name each function of the torch installed: one left out could still race on its first call
-    (train.resolve_vml_kernels says why)."""
+    """prepare.VML_OPS must name each function of the torch installed: one left out could still race on its first
+    call (prepare.resolve_vml_kernels says why)."""
     header = Path(torch.__file__).parent / "include" / "ATen" / "cpu" / "vml.h"
     if not header.is_file():
         pytest.skip(f"{header} not installed: no list of torch's VML functions to check against")
@@ -134,8 +135,8 @@ def test_every_function_torch_hands_to_mkl_vml_is_resolved_before_training():
         pytest.skip("this torch is built without MKL: no VML functions")
     routed = set(re.findall(r"^IMPLEMENT_VML_MKL\((\w+),", header.read_text(), flags=re.MULTILINE))
     assert "sqrt" in routed  # the one AdamW calls: the list was read
-    assert routed == set(train.VML_OPS), (sorted(routed - set(train.VML_OPS)), sorted(set(train.VML_OPS) - routed))
-    for op in train.VML_OPS:
+    assert routed == set(prepare.VML_OPS), (sorted(routed - set(prepare.VML_OPS)), sorted(set(prepare.VML_OPS) - routed))
+    for op in prepare.VML_OPS:
         assert callable(getattr(torch, op)), op
 
 
@@ -149,17 +150,17 @@ class OptimizerSteps(L.Callback):
 
 def test_vml_kernels_are_resolved_before_the_first_optimizer_step(tmp_path, monkeypatch):
     calls = []
-    resolve = train.resolve_vml_kernels
+    resolve = prepare.resolve_vml_kernels
 
     def recorded() -> None:
         calls.append("resolved")
         resolve()
 
-    monkeypatch.setattr(train, "resolve_vml_kernels", recorded)
-    cfg = train.settle(compose_config("data=synthetic", "data.n_train=600", "data.n_test=100", "data.val_size=100",
+    monkeypatch.setattr(prepare, "resolve_vml_kernels", recorded)
+    cfg = prepare.settle(compose_config("data=synthetic", "data.n_train=600", "data.n_test=100", "data.val_size=100",
                                       "trainer.max_epochs=1", "trainer.limit_train_batches=2", "callbacks=plain",
                                       "threads=1"))
-    train.train(cfg, tmp_path, extra_callbacks=[OptimizerSteps(calls)])
+    train.run(cfg, tmp_path, extra_callbacks=[OptimizerSteps(calls)])
     assert calls[:2] == ["resolved", "optimizer step"] and calls.count("resolved") == 1, calls
 
 

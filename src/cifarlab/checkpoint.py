@@ -6,13 +6,12 @@
 - read_checkpoint / network_weights / check_architecture: a user-given file, with one-line errors naming the file
   and, for another architecture, the layers that do not match.
 - ResumePoint: stamps each checkpoint with the moment it was written (after flushing the TensorBoard writer), the
-  config hash and the RNG state; a resumed run restores the RNG, and trim_events drops what was logged after that
+  config hash and the RNG state; a resumed run restores the RNG, and events.trim drops what was logged after that
   moment, so every step is logged exactly once.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import time
@@ -21,57 +20,27 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from cifarlab import checksums
+from cifarlab.errors import CheckpointError
+from cifarlab.run_folder import atomic_write
 
 LAST = "last.ckpt"
 STAMP = "cifarlab"  # the checkpoint's key for what ResumePoint records
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and why."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing and reading
 
 
-def partial_save(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = partial_save(path)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-            os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
-        finally:
-            tmp.unlink(missing_ok=True)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # the rename itself survives a crash
-        finally:
-            os.close(folder)
+        atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path, f"checkpoint={path}", map_location or "cpu")
-
-
-def remove_partial_saves(folder: Path) -> list[Path]:
-    """The temporary files of saves a kill interrupted; the checkpoint each would have replaced is intact."""
-    leftovers = sorted(folder.glob(".*.ckpt.partial-*")) if folder.is_dir() else []
-    for path in leftovers:
-        path.unlink()
-    return leftovers
 
 
 def read_checkpoint(path: str | Path, where: str, map_location: Any = "cpu") -> dict[str, Any]:
@@ -128,6 +97,13 @@ def check_architecture(weights: dict[str, torch.Tensor], model: nn.Module, where
         raise CheckpointError(f"{where}: made for a different architecture: " + "; ".join(problems))
 
 
+def load_weights(model: nn.Module, path: str | Path, where: str) -> None:
+    """init_from=<checkpoint>: another run's weights (a Lightning checkpoint or a bare state_dict) into `model`."""
+    weights = network_weights(read_checkpoint(path, where), where)
+    check_architecture(weights, model, where)
+    model.load_state_dict(weights)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resuming
 
@@ -141,7 +117,7 @@ class ResumePoint(Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # Everything logged so far reaches the disk before the checkpoint does; whatever is logged after it is
-        # dropped on resume (trim_events) and logged again by the resumed run.
+        # dropped on resume (events.trim) and logged again by the resumed run.
         for lg in trainer.loggers:
             flush = getattr(getattr(lg, "experiment", None), "flush", None)
             if flush is not None:
@@ -165,38 +141,3 @@ class ResumePoint(Callback):
 
 def stamp(ckpt: dict[str, Any]) -> dict[str, Any]:
     return ckpt.get(STAMP) or {}
-
-
-def trim_events(log_dir: Path, until: float | None) -> int:
-    """Drop the TensorBoard events written after `until` (a checkpoint's saved_at; None: all of them) from the event
-    files in log_dir, and any record a kill cut short. Returns how many events were dropped."""
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
-    checksums.install()  # each record's checksums are checked when read and computed again when written
-    dropped = 0
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        records = list(_records(path))
-        kept = [r for r in records if until is not None and Event.FromString(r).wall_time <= until]
-        whole = sum(len(r) + 16 for r in records) == path.stat().st_size  # 16: length, 2 CRCs
-        dropped += len(records) - len(kept)
-        if len(kept) == len(records) and whole:
-            continue
-        if len(kept) <= 1:  # nothing left but the file_version header
-            path.unlink()
-            continue
-        tmp = path.with_name(f".trim-{path.name.replace('tfevents', 'events')}")  # no 'tfevents': TensorBoard skips it
-        with open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for r in kept:
-                writer.write(r)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return dropped
-
-
-def _records(path: Path):
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
-
-    yield from RawEventFileLoader(str(path)).Load()

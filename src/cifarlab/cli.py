@@ -1,14 +1,13 @@
-"""cifarlab-train's command line: what happens before a run starts.
+"""cifarlab-train's command line: what happens before a run starts, and the one place its errors are reported.
 
-argv -> Hydra's own refusals (an unknown option or key, an unparsable override) in one line -> the composed config
-checked (config.check: every interpolation, value, layer and _target_; check_data: the data folder; not for resume=,
-which continues with its saved config) -> resume=<run folder> read -> Hydra composes the config again and makes the
-run folder -> train.main(cfg), the run itself (train.py).
+argv -> Hydra composes the config (its refusals, and the schema's types, as one line) -> the run folder's state
+(finished, stopped, in use) -> prepare.py builds every object of the run (each value and layer, the data, the
+trainer) -> Hydra makes the run folder -> train.main runs with what was prepared. resume=<run folder> goes straight
+to the run with the config the folder records; -m sweeps prepare each job in the job (sweep.py).
 
-Imports no torch or Lightning until the overrides compose: `--help`, `--cfg job` and a mistake in the overrides or in
-resume= are answered in 1-3 s (docs/results/cli-answers/). A mistake in a value loads torch but not Lightning, and is
-refused before Hydra makes a run folder for it, as is a data folder that holds no CIFAR-10 (torchvision too); the run
-pays for the imports once, when it starts.
+Every error a run raises ends here: a UserError as its own line; anything else as one line naming the run's
+train.log, where the trace is (HYDRA_FULL_ERROR=1 shows it here as well). No torch is imported until the overrides
+compose, so `--help` and a mistake in the overrides are answered in a second or two.
 """
 
 from __future__ import annotations
@@ -16,160 +15,193 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifarlab.run_folder import (FINISHED, SAVED_CONFIG, RunFolderError, finished_run, is_ddp_child,
-                                 resume_overrides, stopped_run)
+from cifarlab import schema
+from cifarlab.errors import ConfigError, UserError, refuse
+from cifarlab.run_folder import (FINISHED, RUNNING, SAVED_CONFIG, finished_run, is_ddp_child, resume_overrides,
+                                 stopped_run, to_train_log)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
-# Sweep job folders 000_, 001_, ... so that `ls` lists them in the order they ran.
-OmegaConf.register_new_resolver("cifarlab.zfill", lambda n, width: str(n).zfill(int(width)), replace=True)
 
 
-def refuse(message: str, status: int = 2) -> None:
-    """A user mistake: one line on stderr, no traceback, a non-zero exit."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(status)
-
-
-class KeepFinishedRuns(Callback):
-    """Hydra writes .hydra/*.yaml into the run folder before the task starts; refuse a finished folder before that,
-    so a finished run's record of its config is never replaced."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
-        except Exception:  # interpolations that only resolve inside the job: the task's own check covers them
-            return
-        if (run_dir / FINISHED).exists():
-            refuse(finished_run(run_dir))
-        if (run_dir / SAVED_CONFIG).exists() and config.get("resume") is None and not is_ddp_child():
-            refuse(stopped_run(run_dir))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    from cifarlab import train  # torch and Lightning: loaded once the config has composed and a run starts
-
-    return train.main(cfg)
-
-
-class Refusal(Exception):
-    """A mistake found before the run starts; the message is the one line the user sees."""
+def full_error() -> bool:
+    return os.environ.get("HYDRA_FULL_ERROR") == "1"  # Hydra's own switch for the whole traceback
 
 
 def composed(args: list[str]) -> DictConfig | None:
-    """The config the overrides compose to (as Hydra's run will compose it, less the hydra node); Hydra's own
-    refusals (an unknown option or key, an unparsable override) as a Refusal of one line, with the choices; None for
-    anything else, which Hydra reports as usual."""
+    """The config the overrides compose to, with its hydra node, as Hydra's run will compose it. Hydra's refusals
+    (an unknown option or key, a value of the wrong type, an unparsable override) as a ConfigError of one line; None
+    for anything else, which Hydra then reports itself."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     def compose_with(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-            return compose("train", overrides=overrides)
+            return compose("train", overrides=overrides, return_hydra_config=True)
 
     try:
         return compose_with(args)
-    except MissingConfigException as e:
-        missing = re.search(r"Could not find '([^']+)/([^'/]+)'", str(e))
-        options = re.findall(r"^\t(\S+)$", str(e).split("Config search path")[0], re.M)
-        if not missing:
-            raise Refusal(str(e).splitlines()[0]) from None
-        group, option = missing.groups()
-        raise Refusal(f"{group}={option}: no such option (no configs/{group}/{option}.yaml); choose one of: "
-                      f"{', '.join(options)}") from None
+    except MissingConfigException as e:  # an option (configs/<group>/<option>.yaml) that is not there
+        if not e.missing_cfg_file or "/" not in e.missing_cfg_file:
+            raise ConfigError(" ".join(str(e).split())) from None
+        group, option = e.missing_cfg_file.rsplit("/", 1)
+        raise ConfigError(f"{group}={option}: no such option (no configs/{group}/{option}.yaml); choose one of: "
+                          f"{', '.join(e.options or [])}") from None
     except ConfigCompositionException as e:
-        found = re.search(r"Could not override '([^']+)'", str(e))
-        if not found:
-            raise Refusal(" ".join(str(e).split())) from None
-        key = found.group(1)
-        arg = next((a for a in args if a.startswith(f"{key}=")), key)
-        parent, _, name = key.rpartition(".")
-        try:
-            rest = compose_with([a for a in args if a != arg])
-            node = OmegaConf.select(rest, parent) if parent else rest
-        except Exception:  # another mistake among the overrides: name this one without the list
-            node = None
-        keys = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
-        close = difflib.get_close_matches(name, keys, n=1)
-        hint = f"did you mean {parent}.{close[0]}? " if close else ""
-        raise Refusal(f"{arg}: no such key; {hint}{parent or 'the config'} has: {', '.join(keys)} "
-                      f"(to add a key that is not there, write +{arg})") from None
+        raise ConfigError(composition_error(e, args, compose_with)) from None
     except OverrideParseException as e:
-        raise Refusal(f"cannot parse the overrides {' '.join(args)}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot parse the overrides {' '.join(args)}: {str(e).splitlines()[0]}") from None
     except Exception:
         return None
 
 
-def check_config(cfg: DictConfig) -> None:
-    """config.check, and the data folder, before Hydra makes the run folder: a refused config leaves no folder behind
-    that looks like a stopped run (.hydra/, train.log), and reaches the user in 3 s rather than 9 (Lightning is not
-    loaded until the _target_s are checked, last)."""
-    from cifarlab import config  # torch: loaded once the overrides compose
+def composition_error(e: Exception, args: list[str], compose_with: Callable[[list[str]], DictConfig]) -> str:
+    """A value of the wrong type (the schema), or a key the config does not have (with the close ones)."""
+    from omegaconf.errors import ConfigAttributeError, ValidationError
 
-    # Lightning, imported while the root logger has no handler, gives its loggers a console handler of their own and
-    # stops them propagating: its lines would miss the run's train.log, which Hydra sets up later. A handler that
-    # drops everything, until Hydra's replace it, keeps Lightning's loggers as they are when it loads inside a run.
-    placeholder = logging.NullHandler()
-    logging.getLogger().addHandler(placeholder)
+    cause = e.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, ValidationError) and key:
+        arg = next((a for a in args if a.lstrip("+~").split("=", 1)[0] == key), key)
+        return f"{arg}: {str(cause).splitlines()[0]} (the schema types {key})"
+    if not isinstance(cause, ConfigAttributeError) or not key:
+        return " ".join(str(e).split())
+    arg = next((a for a in args if a.startswith(f"{key}=")), key)
+    parent, _, name = key.rpartition(".")
     try:
-        plain = config.check_values(cfg)
-        check_data(cfg)  # before the _target_s: they load Lightning (5 s here), the data check only torchvision
-        config.check_targets(cfg, plain)
-    except config.ConfigError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # Hydra's switch for the traceback, as in train.main
-            raise
-        raise Refusal(str(e)) from None
-    finally:
-        logging.getLogger().removeHandler(placeholder)
+        rest = compose_with([a for a in args if a != arg])
+        node = OmegaConf.select(rest, parent) if parent else rest
+    except Exception:  # another mistake among the overrides: name this one without the list
+        node = None
+    keys = [str(k) for k in node.keys() if k != "hydra"] if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(name, keys, n=1)
+    hint = f"did you mean {parent}.{close[0]}? " if close else ""
+    return (f"{arg}: no such key; {hint}{parent or 'the config'} has: {', '.join(keys)} "
+            f"(to add a key that is not there, write +{arg})")
 
 
-def check_data(cfg: DictConfig) -> None:
-    """The data folder (data.root) as the run will find it: where it holds no CIFAR-10 and data.download is false, or
-    where a file is missing from it, refuse before a run folder is made. Reads no file (data.find): a truncated or
-    corrupt file is still found by the run, when it reads them."""
-    if cfg.data.name != "cifar10":
-        return
-    from cifarlab import data  # torchvision, not Lightning
-
+def planned_run_dir(cfg: DictConfig) -> Path | None:
+    """The folder Hydra will make (hydra.run.dir, resolved now and passed on, so both agree); None where it only
+    resolves inside the run."""
+    HydraConfig.instance().set_config(cfg)
     try:
-        data.find(Path(str(cfg.data.root)).expanduser().resolve(), cfg.data.download)
-    except data.DataError as e:
-        raise Refusal(str(e)) from None
+        return Path(str(cfg.hydra.run.dir))
+    except Exception:
+        return None
+
+
+def check_folder(run_dir: Path) -> None:
+    """Before Hydra writes its .hydra/ record into the folder: never into a finished, stopped or busy run's."""
+    from cifarlab.errors import RunFolderError
+
+    if (run_dir / FINISHED).exists():
+        raise RunFolderError(finished_run(run_dir))
+    if (run_dir / SAVED_CONFIG).exists():
+        raise RunFolderError(stopped_run(run_dir))
+    if (run_dir / RUNNING).exists():
+        raise RunFolderError(f"hydra.run.dir={run_dir}: another run is using this folder "
+                             f"({(run_dir / RUNNING).read_text().strip()}); if that run is dead, delete "
+                             f"{run_dir / RUNNING} first")
 
 
 def checked_in_the_run(cfg: DictConfig, overrides: list[str]) -> bool:
-    """What only the run itself can check: values that read Hydra's runtime (${hydra:...}) or variables that
-    hydra.job.env_set sets, both of which exist only inside the run."""
-    return "${hydra:" in OmegaConf.to_yaml(cfg) or any("hydra.job.env_set" in a for a in overrides)
+    """Values that read Hydra's runtime (${hydra:...}) or variables that hydra.job.env_set sets exist only inside
+    the run: such a run prepares itself, after Hydra has made its folder."""
+    task = OmegaConf.to_container(cfg, resolve=False)
+    task.pop("hydra", None)
+    return "${hydra:" in str(task) or any("hydra.job.env_set" in a for a in overrides)
+
+
+def prepare_before_the_folder(args: list[str]) -> tuple[Any, list[str]]:
+    """(what the run needs, built; the overrides that give Hydra the same folder) for a new single run."""
+    cfg = composed(args)
+    run_dir = planned_run_dir(cfg) if cfg is not None else None
+    if run_dir is None:
+        return None, []
+    check_folder(run_dir)
+    if checked_in_the_run(cfg, args):
+        return None, [f"hydra.run.dir={run_dir}"]
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    # Lightning, imported while the root logger has no handler, gives its loggers a console handler of their own and
+    # stops them propagating: its lines would miss train.log, which Hydra sets up later. A placeholder prevents it.
+    placeholder = logging.NullHandler()
+    logging.getLogger().addHandler(placeholder)
+    try:
+        from cifarlab.prepare import prepare
+
+        return prepare(cfg, run_dir, choices), [f"hydra.run.dir={run_dir}"]
+    finally:
+        logging.getLogger().removeHandler(placeholder)
+        quiet_lightning_console()
+
+
+def quiet_lightning_console() -> None:
+    """The `lightning` logger prints to stderr itself and also reaches Hydra's handlers (console and train.log):
+    without its own handler, each of its lines shows once."""
+    if "lightning" in sys.modules:
+        logging.getLogger("lightning").handlers.clear()
+
+
+def task(prepared: Any) -> Callable[[DictConfig], Any]:
+    """The function Hydra runs in the run folder, with what was prepared; every error of the run ends here."""
+
+    def run(cfg: DictConfig) -> Any:
+        schema.register()  # a launcher's worker restores the parent's Hydra state before each job: register again
+        try:
+            from cifarlab import sweep, train
+
+            quiet_lightning_console()
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                return sweep.job(cfg)  # each job prepares itself; its failures end in its failed.json
+            return train.main(cfg, prepared)
+        except UserError as e:
+            to_train_log(f"error: {e}", logging.ERROR)
+            if full_error():
+                raise
+            refuse(str(e), e.exit_status)
+        except KeyboardInterrupt as e:  # train.Interrupted says how to go on; Ctrl-C outside training does not
+            where = HydraConfig.get().runtime.output_dir
+            print(f"\n{e}" if str(e) else f"\ninterrupted; continue with: cifarlab-train resume={where}", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            train_log = Path(HydraConfig.get().runtime.output_dir) / "train.log"
+            to_train_log(f"failed: {type(e).__name__}: {e}", logging.ERROR, sys.exc_info())
+            if full_error():
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            refuse(f"{type(e).__name__}: {first} (full trace in {train_log})", 1)
+
+    return run
 
 
 def cli() -> None:
-    """cifarlab-train: Hydra's command line, plus resume=<run folder>, which must be read before Hydra picks a
-    folder and records a config in it, and every mistake in the overrides refused in one line before Hydra makes a
-    run folder. Flags (-m, --help, --cfg) are left to Hydra, as is a config that composes here but not there."""
+    """cifarlab-train: Hydra's command line, with every mistake refused in one line before Hydra makes a folder."""
+    schema.register()
     args = sys.argv[1:]
     given = [a for a in args if a.startswith("resume=")]
     others = [a for a in args if a not in given]
+    prepared = None
     try:
-        if not any(a.startswith("-") for a in args) and not is_ddp_child():  # a DDP rank: rank 0 checked it all
-            cfg = composed(others)
-            # A resumed run continues with its saved config, which its own start checks
-            if cfg is not None and not given and not checked_in_the_run(cfg, others):
-                check_config(cfg)
         if given and not is_ddp_child():  # a DDP rank re-runs rank 0's rewritten command line as it is
             sys.argv = [sys.argv[0], *resume_overrides(given[-1].split("=", 1)[1], others)]
-    except (Refusal, RunFolderError) as e:
-        refuse(str(e))
-    main()
+        elif not given and not any(a.startswith("-") for a in args) and not is_ddp_child():
+            prepared, more = prepare_before_the_folder(others)
+            sys.argv += more
+    except UserError as e:
+        if full_error():
+            raise
+        refuse(str(e), e.exit_status)
+    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(task(prepared))()
 
 
 if __name__ == "__main__":

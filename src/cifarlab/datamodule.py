@@ -1,16 +1,13 @@
-"""Lightning's handle on the data: the three splits of data.CifarArrays, moved once to the training device, handed
-out as data.DeviceBatches (shuffled, cropped, flipped and normalised there).
-
-Kept apart from data.py so that reading and checking the files needs torch but not Lightning: cifarlab-train checks
-the data folder before Hydra makes a run folder, and the data-only scripts start without it.
-"""
+"""Lightning's handle on the data: the three splits of a cifar10.CifarArrays, moved once to the training device and
+handed out as batches.DeviceBatches (shuffled, cropped, flipped and normalised there)."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
 
-from cifarlab.data import CifarArrays, DeviceBatches, Normalize, StepGroups, channel_stats, split_indices
+from cifarlab.batches import DeviceBatches, Normalize, channel_stats, split_indices
+from cifarlab.cifar10 import CifarArrays
 
 
 class CifarDataModule(L.LightningDataModule):
@@ -28,13 +25,10 @@ class CifarDataModule(L.LightningDataModule):
         crop_padding: int,
         seed: int,
         channels_last: bool = False,
-        steps_per_call: int = 1,
-        limit_train_batches: int | float | None = None,
     ):
         super().__init__()
-        self.steps_per_call, self.limit_train_batches = steps_per_call, limit_train_batches
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.arrays, self.n_val, self.split_seed, self.seed = arrays, n_val, split_seed, seed
+        self.arrays, self.seed = arrays, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.flip, self.crop_padding = flip, crop_padding
         train_idx, val_idx = split_indices(len(arrays.train_y), n_val, split_seed)
@@ -70,33 +64,10 @@ class CifarDataModule(L.LightningDataModule):
             return {"rank": 0, "world": 1}
         return {"rank": self.trainer.global_rank, "world": self.trainer.world_size}
 
-    def train_batches(self) -> int:
-        """Training batches (optimizer steps without accumulation) per epoch on this process."""
-        return len(self._train_batches())
-
-    def group_batches(self, group_idx: int) -> range:
-        """The epoch's training batches (their indices) in the group Lightning hands the module as batch group_idx."""
-        first = group_idx * self.steps_per_call
-        return range(first, min(first + self.steps_per_call, self.train_batches()))
-
-    def train_dataloader(self) -> StepGroups:
-        return StepGroups(self._train_batches(), self.steps_per_call)
-
-    def _train_batches(self) -> DeviceBatches:
-        return DeviceBatches(
-            self.train_x,
-            self.train_y,
-            self.batch_size,
-            self.normalizer,
-            train=True,
-            seed=self.seed,
-            epoch=self._epoch,
-            flip=self.flip,
-            crop_padding=self.crop_padding,
-            memory_format=self.memory_format,
-            limit=self.limit_train_batches,
-            **self._shard(),
-        )
+    def train_dataloader(self) -> DeviceBatches:
+        return DeviceBatches(self.train_x, self.train_y, self.batch_size, self.normalizer, train=True, seed=self.seed,
+                             epoch=self._epoch, flip=self.flip, crop_padding=self.crop_padding,
+                             memory_format=self.memory_format, **self._shard())
 
     def val_dataloader(self) -> DeviceBatches:
         return DeviceBatches(self.val_x, self.val_y, self.eval_batch_size, self.normalizer, **self._shard())

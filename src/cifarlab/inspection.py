@@ -1,5 +1,5 @@
 """What goes to TensorBoard beyond scalars: images before and after pooling, MaxUnpool2d reconstructions, the graph,
-test-set figures, weight histograms and HParams.
+test-set figures and weight histograms.
 
 Each piece is a Lightning callback switched on or off in configs/callbacks/. All of them work on a fixed small
 batch or on what the test loop already computed, every N epochs: nothing here runs per training step.
@@ -7,9 +7,7 @@ batch or on what the test loop already computed, every N epochs: nothing here ru
 
 from __future__ import annotations
 
-import io
 import warnings
-from typing import Any
 
 import matplotlib
 
@@ -21,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from PIL import Image
-from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -31,31 +27,23 @@ from torchvision.utils import make_grid
 from cifarlab.model import BlurMaxPool2d, pool_geometry
 
 GRID_PADDING = 2  # px of white between tiles; tests slice the grids with it
+CELL_PADDING = 6  # px of white between the cells of a stage image, each holding one channel's maps side by side
 WHITE = 255
 TILE = 32  # px: feature maps smaller than this are zoomed by a whole factor
-PNG_LEVEL = 1  # zlib level of the logged images: 1 encodes a stage grid 3-4x faster than 6, for a file ~5 % larger
 
 
 def tensorboard(trainer: L.Trainer) -> SummaryWriter | None:
     """The run's TensorBoard writer; None without a TensorBoard logger, and in every DDP process but rank 0, where
-    Lightning hands out a stand-in that ignores every call (and would return None for add_png's file writer)."""
+    Lightning hands out a stand-in that ignores every call."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and isinstance(logger.experiment, SummaryWriter):
             return logger.experiment
     return None
 
 
-def add_png(writer: SummaryWriter, tag: str, image: torch.Tensor, step: int) -> None:
-    """A uint8 (C, H, W) image, C = 1 (grey) or 3, stored as TensorBoard's image summary, as writer.add_image stores
-    it (a PNG made by PIL), minus add_image's costs: a round trip through float32, three channels for a grey image and
-    zlib level 6. The stage grids are logged every epoch, on the host, between epochs: 132 ms an epoch through
-    add_image on a 2-core CPU, 50 ms this way (docs/results/inspection-png/)."""
-    c, h, w = image.shape
-    pixels = image.cpu().permute(1, 2, 0).numpy()
-    png = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(png, format="PNG", compress_level=PNG_LEVEL)
-    picture = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=png.getvalue())
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=picture)]), step)
+def add_image(writer: SummaryWriter, tag: str, image: torch.Tensor, step: int) -> None:
+    """A uint8 (C, H, W) image, C = 1 (grey) or 3."""
+    writer.add_image(tag, image.cpu(), step, dataformats="CHW")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,13 +68,29 @@ def tile_factor(h: int, w: int) -> tuple[int, int]:
     return max(1, TILE // h), max(1, TILE // w)
 
 
-def channel_grid(maps: torch.Tensor) -> torch.Tensor:
-    """uint8 maps (K, C, H, W) -> one grey image (1, H', W'); row k holds image k's C channel maps, left to right,
-    each zoomed by tile_factor (nearest neighbour: every map pixel becomes a block of identical pixels)."""
-    k, c, h, w = maps.shape
-    tiles = maps.reshape(k * c, 1, h, w).repeat_interleave(tile_factor(h, w)[0], 2)
-    tiles = tiles.repeat_interleave(tile_factor(h, w)[1], 3)
-    return make_grid(tiles, nrow=c, padding=GRID_PADDING, pad_value=WHITE)[:1]  # make_grid repeats a grey channel
+def zoom(maps: torch.Tensor) -> torch.Tensor:
+    """uint8 maps (K, C, H, W), each pixel a block of tile_factor(H, W) identical pixels (nearest neighbour)."""
+    fy, fx = tile_factor(*maps.shape[-2:])
+    return maps.repeat_interleave(fy, 2).repeat_interleave(fx, 3)
+
+
+def stage_grid(*views: torch.Tensor) -> torch.Tensor:
+    """uint8 map sets (K, C, H_i, W_i) of the same images and channels (before pooling, after it, ...) -> one grey
+    image (1, H', W'): row k holds image k's C channels left to right, and each channel's cell its maps side by side
+    in the order given, each zoomed by a whole factor to about TILE px (and padded white below to the tallest)."""
+    zoomed = [zoom(v) for v in views]
+    k, c = views[0].shape[:2]
+    height = max(z.shape[2] for z in zoomed)
+    gap = torch.full((k, c, height, GRID_PADDING), WHITE, dtype=torch.uint8, device=views[0].device)
+    parts: list[torch.Tensor] = []
+    for z in zoomed:
+        below = torch.full((k, c, height - z.shape[2], z.shape[3]), WHITE, dtype=torch.uint8, device=z.device)
+        if parts:
+            parts.append(gap)
+        parts.append(torch.cat([z, below], dim=2))
+    cells = torch.cat(parts, dim=3)  # (K, C, H, W_cell)
+    grid = make_grid(cells.flatten(0, 1)[:, None], nrow=c, padding=CELL_PADDING, pad_value=WHITE)
+    return grid[:1]  # make_grid repeats a grey channel
 
 
 def views_grid(*views: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -133,13 +137,12 @@ class PoolingImages(Callback):
       pool/input/max_vs_avg   under each row, max pooling, then average pooling, with the configured geometry
                               (the seed's CIFAR-10 demonstration)
       pool/input/unpool       under each row, MaxPool2d(return_indices) -> MaxUnpool2d (black = what was dropped)
-    at the start and every `every_n_epochs` epochs, for stage i = 1, 2, 3 (one row per image for the first
-    `maps_images` images, its first `channels` channels left to right, each map scaled to [0, 1] by its own min/max
-    before pooling, and maps smaller than 32 px zoomed by a whole factor):
-      pool/stage{i}/before    the feature maps pooling receives
-      pool/stage{i}/after     what the model's pooling layer makes of them
-      pool/stage{i}/unpool    (max pooling only) the MaxUnpool2d reconstruction of `after`
-      pool/stage{i}/dense_max (blurmax only) the max over every window at stride 1, which the blur then samples
+    at the start and every `every_n_epochs` epochs, for stage i = 1, 2, 3, one image:
+      pool/stage{i}           for the first `maps_images` images (a row each) and their first `channels` channels
+                              (left to right), each channel's maps side by side: before pooling | after it
+                              | (max pooling) its MaxUnpool2d reconstruction; for blurmax, before | the stride-1
+                              max map the blur receives | after. Each map is scaled to [0, 1] by its own min/max
+                              before pooling, and maps smaller than 32 px are zoomed by a whole factor.
     """
 
     def __init__(self, every_n_epochs: int = 1, per_class: int = 2, maps_images: int = 4, channels: int = 16,
@@ -181,7 +184,7 @@ class PoolingImages(Callback):
             "pool/input/unpool": [x, unpool(kept, indices, max_pool, x.shape)],
         }
         for tag, images in views.items():
-            add_png(writer, tag, views_grid(*map(to_uint8, images), per_row=self.per_row), step)
+            add_image(writer, tag, views_grid(*map(to_uint8, images), per_row=self.per_row), step)
 
     @torch.no_grad()
     def log_stages(self, writer: SummaryWriter, pl_module: L.LightningModule, step: int) -> None:
@@ -192,19 +195,22 @@ class PoolingImages(Callback):
             for i, stage in enumerate(model.stages, start=1):
                 before, after, x = stage.pool_io(x)  # (K, C, H, W), (K, C, H', W')
                 before, after = before[:, : self.channels].float(), after[:, : self.channels].float()
-                shown_before, shown_after = scale_per_map(before, after)
-                add_png(writer, f"pool/stage{i}/before", channel_grid(to_uint8(shown_before)), step)
-                add_png(writer, f"pool/stage{i}/after", channel_grid(to_uint8(shown_after)), step)
-                if isinstance(stage.pool, nn.MaxPool2d):
-                    kept, indices = max_with_indices(stage.pool)(shown_before)
-                    rebuilt = unpool(kept, indices, stage.pool, shown_before.shape)
-                    add_png(writer, f"pool/stage{i}/unpool", channel_grid(to_uint8(rebuilt)), step)
-                if isinstance(stage.pool, BlurMaxPool2d):
-                    # the stride-1 max map the blur receives; max is monotone, so the before-map's scaling holds
-                    dense = stage.pool.dense_max(shown_before)
-                    add_png(writer, f"pool/stage{i}/dense_max", channel_grid(to_uint8(dense)), step)
+                add_image(writer, f"pool/stage{i}", stage_grid(*map(to_uint8, stage_views(stage.pool, before, after))),
+                          step)
         finally:
             model.train(was_training)
+
+
+def stage_views(pool: nn.Module, before: torch.Tensor, after: torch.Tensor) -> list[torch.Tensor]:
+    """What a stage image shows side by side, each map scaled by its own min and max before pooling: before, after,
+    and for max pooling the MaxUnpool2d reconstruction; for blurmax the stride-1 max map between the two."""
+    shown_before, shown_after = scale_per_map(before, after)
+    if isinstance(pool, BlurMaxPool2d):  # max is monotone, so the before-map's scaling holds for the dense max
+        return [shown_before, pool.dense_max(shown_before), shown_after]
+    if isinstance(pool, nn.MaxPool2d):
+        kept, indices = max_with_indices(pool)(shown_before)
+        return [shown_before, shown_after, unpool(kept, indices, pool, shown_before.shape)]
+    return [shown_before, shown_after]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,13 +218,10 @@ class PoolingImages(Callback):
 
 
 def log_graph(writer: SummaryWriter, model: nn.Module, example: torch.Tensor) -> None:
-    """add_graph traced in eval mode: RReLU's random slopes and dropout's masks are neither traced nor shown.
-
-    (torch's add_graph switches to eval itself today; we do not depend on it.)
-    """
+    """add_graph traced in eval mode: RReLU's random slopes and dropout's masks are neither traced nor shown. The
+    model must not be compiled yet (torch.jit.trace cannot trace a compiled one): CifarModule compiles it after the
+    callbacks' on_train_start."""
     was_training = model.training
-    compiled = getattr(model, "_compiled_call_impl", None)  # set by model.compile() (compile=true)
-    model._compiled_call_impl = None  # trace the eager module: torch.jit.trace cannot trace a compiled one
     model.eval()
     try:
         with warnings.catch_warnings():
@@ -230,7 +233,6 @@ def log_graph(writer: SummaryWriter, model: nn.Module, example: torch.Tensor) ->
             writer.add_graph(model, example)
     finally:
         model.train(was_training)
-        model._compiled_call_impl = compiled
 
 
 class ModelGraph(Callback):
@@ -335,21 +337,3 @@ def labelled_grid(images: list, labels: list[str], cols: int = 8) -> plt.Figure:
     ax.set_ylim(rows * step_y + 0.05, 0)
     ax.set_aspect("equal")
     return fig
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# HParams
-
-
-def log_hparams(trainer: L.Trainer, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-    """The run's choices with its real results, for the HParams dashboard (no placeholder hp_metric=-1)."""
-    def plain(v: Any) -> int | float | str:
-        if isinstance(v, bool) or v is None:
-            return {True: "true", False: "false", None: "null"}[v]
-        return v if isinstance(v, (int, float, str)) else str(v)
-
-    clean = {k: plain(v) for k, v in hparams.items()}
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(clean, {f"hparams/{k}": v for k, v in metrics.items() if v is not None})
-            logger.finalize("success")  # after trainer.test the writer was reopened: close it, or nothing is flushed

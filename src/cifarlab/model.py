@@ -109,6 +109,14 @@ class BlurMaxPool2d(nn.Module):
                 f"blur_size={self.blur_size}")
 
 
+class ShrinksToNothing(ValueError):
+    """A conv or pooling geometry that leaves no pixel; `layer` is "conv" or "pool", `trail` each stage's sizes."""
+
+    def __init__(self, layer: str, what: str, trail: list[str]):
+        self.layer, self.trail = layer, trail
+        super().__init__(f"{what} ({'; '.join(trail) or 'first stage'})")
+
+
 class Stage(nn.Sequential):
     """conv -> [norm] -> [act] -> pool -> [dropout]; the optional layers are left out when not chosen.
 
@@ -157,14 +165,18 @@ class CifarNet(nn.Sequential):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         hw = (image_size, image_size)
         c_in = in_channels
+        trail: list[str] = []  # what each stage makes of the map, for the error message
         feature_sizes: list[tuple[int, int]] = []  # (H, W) after each stage's pooling
         for i, c_out in enumerate(channels, start=1):
             conv = nn.Conv2d(c_in, c_out, conv_kernel, padding=conv_padding)
-            hw = (hw[0] + 2 * conv_padding - conv_kernel + 1, hw[1] + 2 * conv_padding - conv_kernel + 1)
+            conv_hw = (hw[0] + 2 * conv_padding - conv_kernel + 1, hw[1] + 2 * conv_padding - conv_kernel + 1)
+            if min(conv_hw) < 1:
+                raise ShrinksToNothing("conv", f"stage{i}'s conv shrinks {hw[0]}x{hw[1]} to nothing", trail)
             pool = pool_layer(c_out)
-            hw = pooled_size(pool, hw)
+            hw = pooled_size(pool, conv_hw)
+            trail.append(f"stage{i} {conv_hw[0]}x{conv_hw[1]} -> {max(hw[0], 0)}x{max(hw[1], 0)}")
             if min(hw) < 1:
-                raise ValueError(f"stage {i} pools its feature map to {hw[0]}x{hw[1]} (nothing left)")
+                raise ShrinksToNothing("pool", "pooling shrinks a feature map to nothing", trail)
             feature_sizes.append(hw)
             layers[f"stage{i}"] = Stage(
                 conv,

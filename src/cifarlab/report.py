@@ -2,6 +2,7 @@
 TensorBoard.
 
     cifarlab-report outputs/multirun/<date>/<time>
+    cifarlab-report                                   # the newest sweep under outputs/multirun/
 
 Writes report.md, report.csv and report.png into the sweep folder, and a TensorBoard run in <sweep>/report/ (the
 table as text, the plot as an image), then prints the table.
@@ -26,8 +27,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import OmegaConf
 
-from cifarlab import checksums
-from cifarlab.run_folder import FAILED, FINISHED
+from cifarlab.run_folder import FAILED, FINISHED, latest
 
 # The documented model: what every row is compared with...
 BASELINE = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
@@ -109,7 +109,7 @@ def read_job(folder: Path) -> Job | None:
 
 def tested_checkpoints(jobs: list[Job]) -> str:
     """Which checkpoint the finished jobs' test figures score, in words (metrics.json's tested_checkpoint)."""
-    kinds = {j.metrics.get("tested_checkpoint", "best") for j in jobs if j.metrics}  # older runs: always best
+    kinds = {j.metrics["tested_checkpoint"] for j in jobs if j.metrics}
     if kinds == {"last"}:
         return "last checkpoint (test_checkpoint=last: the weights training ended with)"
     if kinds == {"best", "last"}:
@@ -259,7 +259,6 @@ def write_tensorboard(sweep: Path, text: str, png: Path) -> None:
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
-    checksums.install()
     with SummaryWriter(str(sweep / "report")) as writer:
         writer.add_text("sweep/report", text)
         writer.add_image("sweep/accuracy", np.asarray(Image.open(png).convert("RGB")), dataformats="HWC")
@@ -283,8 +282,12 @@ def report(sweep: Path) -> tuple[list[str], list[list[str]]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep", type=Path, help="the folder a -m run printed (outputs/multirun/<date>/<time>)")
+    p.add_argument("sweep", type=Path, nargs="?", help="the folder a -m run printed (default: the newest one under "
+                   "outputs/multirun/)")
     args = p.parse_args()
+    args.sweep = args.sweep or latest("multirun/*/*")
+    if args.sweep is None:
+        raise SystemExit("error: no sweep folder under outputs/multirun/; give the folder a -m run printed")
     if not args.sweep.is_dir():
         raise SystemExit(f"error: {args.sweep}: no such folder")
     header, body = report(args.sweep)

@@ -9,13 +9,19 @@ for them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import shlex
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 from omegaconf import DictConfig, OmegaConf
+
+from cifarlab.errors import RunFolderError
 
 FINISHED = "metrics.json"  # its presence marks a finished run
 RUNNING = ".running"  # held while a run uses its folder (created exclusively), so two runs never share one
@@ -23,8 +29,59 @@ FAILED = "failed.json"  # a sweep job that raised: its error, so the sweep goes 
 SAVED_CONFIG = "config.yaml"  # the resolved config, written once the run has read its data; what resume= continues with
 
 
-class RunFolderError(ValueError):
-    """A run folder that cannot be used as asked; the message names it and what to do instead."""
+def to_train_log(message: str, level: int = logging.INFO, exc_info: Any = None) -> None:
+    """A record for the run's train.log alone (Hydra's file handler), not for the console."""
+    log = logging.getLogger("cifarlab")
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, exc_info)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write `path` through a temporary file beside it, flushed to disk and renamed over it: a reader, or a kill,
+    never sees half a file (a checkpoint, metrics.json, a trimmed event file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """The temporary files of writes a kill interrupted (atomic_write); the file each would have replaced is whole."""
+    leftovers = sorted(folder.glob(".*.partial-*")) if folder.is_dir() else []
+    for path in leftovers:
+        path.unlink()
+    return leftovers
+
+
+def latest(pattern: str) -> Path | None:
+    """The newest folder matching pattern under outputs/ ("runs/*/*" or "multirun/*/*"), by name: date, then time."""
+    found = sorted(p for p in Path("outputs").glob(pattern) if p.is_dir())
+    return found[-1] if found else None
+
+
+def config_sha(cfg: DictConfig) -> str:
+    """What makes two runs the same run: the resolved config, less the thread count and the resume request."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("threads", None)
+    plain.pop("resume", None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def is_ddp_child() -> bool:
@@ -123,4 +180,4 @@ def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None, list[st
     choices = OmegaConf.select(record, "hydra.runtime.choices") if record is not None else None
     overrides = OmegaConf.select(record, "hydra.overrides.task") if record is not None else None
     return (cfg, dict(choices) if choices is not None else None,
-            list(overrides) if overrides is not None else None)
+            OmegaConf.to_container(overrides) if overrides is not None else None)  # as typed, not resolved

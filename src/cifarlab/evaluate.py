@@ -1,0 +1,133 @@
+"""cifarlab-eval: score a run's checkpoint on the test split of a CIFAR-10 folder, with and without test-time views.
+
+    cifarlab-eval outputs/runs/<date>/<run>                     # the checkpoint its own test scored, its own data
+    cifarlab-eval                                               # the newest run under outputs/runs/
+    cifarlab-eval <run> data.root=/path/to/cifar --checkpoint last
+    cifarlab-eval <run> --flips --shift 1                       # these test-time views instead of the run's own
+
+The run's own config decides the model, the normalisation (from the training split of the folder scored) and, unless
+--flips/--no-flips/--shift say otherwise, the test-time views (a run that had none is scored with flips and a 1 px
+shift as well). Prints the accuracies and writes eval.json into the run folder (eval-2.json, ... when one is there).
+On a GPU it scores in bf16 autocast, as a run there tests; on a CPU in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cifarlab.errors import CheckpointError, RunFolderError, UserError, refuse
+from cifarlab.run_folder import FINISHED, SAVED_CONFIG, latest, write_json
+
+
+def checkpoint_file(run_dir: Path, which: str | None) -> Path:
+    """best, last, a file path, or by default the checkpoint the run's own test scored (best while it runs)."""
+    metrics = json.loads((run_dir / FINISHED).read_text()) if (run_dir / FINISHED).exists() else {}
+    which = which or metrics.get("tested_checkpoint") or ("best" if (run_dir / "checkpoints/best.ckpt").exists()
+                                                          else "last")
+    path = run_dir / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
+    if not path.is_file():
+        raise CheckpointError(f"--checkpoint {which}: {path}: no such file")
+    return path
+
+
+def run_config(run_dir: Path, data_root: str | None) -> DictConfig:
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: no such folder; give the run folder a run printed as 'logs: <folder>'")
+    if not (run_dir / SAVED_CONFIG).is_file():
+        raise RunFolderError(f"{run_dir}: not a cifarlab run folder (no {SAVED_CONFIG}); give the folder a run "
+                             "printed as 'logs: <folder>'")
+    cfg = OmegaConf.load(run_dir / SAVED_CONFIG)
+    if data_root is not None:
+        cfg.data.root = str(Path(data_root).expanduser().resolve())
+    return cfg
+
+
+def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int) -> dict[str, Any]:
+    """Accuracy (and per class) with the views (flips, shift) and on the images alone, of ckpt on cfg's test split."""
+    import torch
+
+    from cifarlab import build, checkpoint, prepare
+    from cifarlab.batches import val_count
+    from cifarlab.datamodule import CifarDataModule
+    from cifarlab.module import CifarModule
+
+    model = build.network(cfg.model)
+    checkpoint.load_weights(model, ckpt, str(ckpt))
+    arrays = prepare.load_data(cfg.data, cfg.data.split_seed)
+    dm = CifarDataModule(arrays, val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
+                         cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.normalize, False, 0, cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=flips, test_shift=shift)
+    module = module.to(device, memory_format=module.memory_format).eval()
+    with_views, alone, labels = [], [], []
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for x, y in dm.test_dataloader():
+            logits, single = module.tta_logits(x.to(device))
+            with_views.append(logits.argmax(1).cpu()), alone.append(single.argmax(1).cpu()), labels.append(y)
+    y = torch.cat(labels)
+
+    def accuracy(predicted: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
+        hit = torch.cat(predicted) == y
+        return hit.float().mean().item(), {c: hit[y == i].float().mean().item() for i, c in enumerate(arrays.classes)}
+
+    (acc, per_class), (acc_alone, per_class_alone) = accuracy(with_views), accuracy(alone)
+    return {"test_acc": acc, "test_acc_no_tta": acc_alone, "views": {"flips": flips, "shift": shift},
+            "per_class": per_class, "per_class_no_tta": per_class_alone, "n_test": len(y),
+            "data_source": arrays.source, "data_root": arrays.root, "device": str(device)}
+
+
+def free_name(run_dir: Path) -> Path:
+    path, n = run_dir / "eval.json", 1
+    while path.exists():
+        n += 1
+        path = run_dir / f"eval-{n}.json"
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="cifarlab-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, nargs="?", help="a run folder (default: the newest under outputs/runs/)")
+    p.add_argument("overrides", nargs="*", metavar="data.root=DIR", help="score on the test split of this folder")
+    p.add_argument("--checkpoint", help="best, last or a file (default: the one the run's test scored)")
+    p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None, help="mirror-image views")
+    p.add_argument("--shift", type=int, default=None, help="px; views shifted up-left and down-right (0 = none)")
+    args = p.parse_args()
+    args.run = args.run or latest("runs/*/*")
+    if args.run is None:
+        refuse("no run folder under outputs/runs/; give the folder a run printed as 'logs: <folder>'")
+    roots = [o.split("=", 1)[1] for o in args.overrides if o.startswith("data.root=")]
+    if len(roots) != len(args.overrides):
+        refuse(f"{' '.join(o for o in args.overrides if not o.startswith('data.root='))}: cifarlab-eval takes "
+               "data.root=<folder> only (the rest comes from the run's config.yaml)")
+    if args.shift is not None and not 0 <= args.shift <= 8:
+        refuse(f"--shift {args.shift}: must be an int in [0, 8] (px)")
+    try:
+        cfg = run_config(args.run, roots[-1] if roots else None)
+        ckpt = checkpoint_file(args.run, args.checkpoint)  # before the config is read further
+        views = bool(cfg.test_flips) or cfg.test_shift > 0
+        flips = args.flips if args.flips is not None else (cfg.test_flips if views else True)
+        shift = args.shift if args.shift is not None else (cfg.test_shift if views else 1)
+        result = score(cfg, ckpt, flips, shift)
+    except UserError as e:
+        refuse(str(e), e.exit_status)
+    result = {"run": str(args.run), "checkpoint": str(ckpt), **result,
+              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out = free_name(args.run)
+    write_json(out, result)
+    print(f"{args.run} ({ckpt.name}) on {result['data_source']}, {result['n_test']:,} test images:")
+    print(f"  test/acc {result['test_acc']:.4f} with test-time views (flips={str(flips).lower()}, shift={shift}); "
+          f"{result['test_acc_no_tta']:.4f} on the images alone")
+    worst = sorted(result["per_class"].items(), key=lambda kv: kv[1])
+    print("  per class: " + ", ".join(f"{c} {a:.3f}" for c, a in worst))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

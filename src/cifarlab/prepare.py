@@ -1,0 +1,125 @@
+"""A run's objects, built once from its config: everything a user can get wrong fails here, cheapest check first.
+
+schema ranges and the _target_ allowlist (no torch) -> the network, optimizer and schedule (torch: build.py) -> the
+data, fetched and read (torchvision: cifar10.py) -> the datamodule, module, callbacks, loggers and trainer
+(Lightning: assemble.py). cifarlab-train runs it before Hydra makes the run folder and hands the result to the run;
+a sweep's job, a resumed run and a DDP rank run it themselves.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from cifarlab import build, schema
+from cifarlab.batches import val_count
+from cifarlab.errors import ConfigError
+from cifarlab.run_folder import config_sha
+
+if TYPE_CHECKING:
+    from cifarlab.assemble import Prepared
+    from cifarlab.cifar10 import CifarArrays
+
+
+# The float functions ATen hands to MKL's vector math library (VML): the IMPLEMENT_VML_MKL lines of torch's
+# include/ATen/cpu/vml.h (tests/test_train.py checks this list against it).
+VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin", "sqrt", "tan",
+           "tanh", "trunc")
+
+
+def settle(cfg: DictConfig) -> DictConfig:
+    """Make the run independent of where it is resumed from: the data folder and init_from as absolute paths."""
+    if cfg.data.get("root") is not None:
+        cfg.data.root = str(Path(str(cfg.data.root)).expanduser().resolve())
+    if cfg.get("init_from"):
+        cfg.init_from = str(Path(str(cfg.init_from)).expanduser().resolve())
+    return cfg
+
+
+def resolve_vml_kernels() -> None:
+    """Make every VML function pick its kernel now, on this thread alone: when the intra-op threads make a
+    function's first call together, one can run a low-accuracy kernel once, and the same seed gives other metrics
+    (pytorch/pytorch#188792; docs/results/vml-first-call/)."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for op in VML_OPS:
+            getattr(torch, op)(x)
+
+
+def fetch_data(data_cfg: DictConfig) -> None:
+    """Download or unpack CIFAR-10 where data.root lacks it (nothing for data=synthetic): a sweep does it once,
+    before its jobs start."""
+    from cifarlab import cifar10  # torchvision: only where there is data to fetch
+
+    if data_cfg.name == "cifar10":
+        cifar10.locate(Path(data_cfg.root).expanduser().resolve(), data_cfg.download, data_cfg.url, data_cfg.md5)
+
+
+def load_data(data_cfg: DictConfig, seed: int) -> CifarArrays:
+    from cifarlab import cifar10  # torchvision: only once the values have passed
+
+    if data_cfg.name == "synthetic":  # the run says so in its log and in TensorBoard
+        return cifar10.make_synthetic(data_cfg.n_train or 5000, data_cfg.n_test or 1000, data_cfg.noise or 0.0, seed)
+    return cifar10.load_cifar10(data_cfg.root, data_cfg.download, data_cfg.url, data_cfg.md5)
+
+
+def training_precision(requested: str, accelerator: str) -> str:
+    """trainer.precision=auto: bf16-mixed on a GPU that has bf16 (Ampere and newer), 16-mixed on an older GPU,
+    32-true on a CPU (no bf16 units on most; autocast there only adds casts)."""
+    if requested != "auto":
+        return requested
+    if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def schedule_length(cfg: DictConfig, n_train: int) -> int:
+    """The optimizer steps Lightning will count (Trainer.estimated_stepping_batches), from the config alone."""
+    devices, ddp = cfg.trainer.get("devices"), str(cfg.trainer.get("strategy", "")).startswith("ddp")
+    batches = n_train // (devices if ddp and isinstance(devices, int) else 1) // cfg.data.batch_size
+    limit = cfg.trainer.get("limit_train_batches")
+    if isinstance(limit, float):
+        batches = int(batches * limit)
+    elif limit is not None:
+        batches = min(batches, limit)
+    per_epoch = -(-batches // cfg.trainer.get("accumulate_grad_batches", 1))
+    total = per_epoch * cfg.trainer.max_epochs
+    max_steps = cfg.trainer.get("max_steps", -1)
+    return min(total, max_steps) if max_steps != -1 else total
+
+
+def prepare(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = None, resume: bool = False,
+            extra_callbacks: Sequence[Any] = ()) -> Prepared:
+    """Every object of the run, each built once; a ConfigError, DataError or CheckpointError before any is used."""
+    started = time.perf_counter()
+    settle(cfg)
+    build.check_targets(schema.check(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    resolve_vml_kernels()  # before any tensor maths: the same config and seed give the same numbers on a CPU
+    build.seed_everything(cfg.seed)
+    model = build.network(cfg.model)
+    if cfg.init_from and not resume:  # a resumed run's weights come from its checkpoint
+        from cifarlab.checkpoint import load_weights
+
+        load_weights(model, cfg.init_from, f"init_from={cfg.init_from}")
+    optimizer, scheduler = build.optimizer(cfg.optimizer), build.scheduler(cfg.scheduler)
+    arrays = load_data(cfg.data, cfg.data.split_seed)
+    try:
+        n_val = val_count(cfg.data.val_size, len(arrays.train_y))
+    except ValueError as e:
+        raise ConfigError(f"data.val_size={e}; use a fraction in (0, 1) or a smaller count") from None
+    build.check_schedule(scheduler, schedule_length(cfg, len(arrays.train_y) - n_val))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # the conv weights; the module makes batches match
+    from cifarlab import assemble  # Lightning (5 s to load): only once every value above has passed
+
+    return assemble.assemble(cfg, run_dir, started, model, optimizer, scheduler, arrays, n_val,
+                             choices=build.choices(cfg, option_names), sha=config_sha(cfg),
+                             precision=training_precision(str(cfg.trainer.get("precision", "auto")),
+                                                          str(cfg.trainer.accelerator)),
+                             extra_callbacks=extra_callbacks)

@@ -1,0 +1,103 @@
+"""`cifarlab-train -m`: one job of a sweep, and what the sweep does before its first job and after its last.
+
+A job that fails writes failed.json (its error and trace) and the sweep goes on; run again, a sweep skips its finished
+jobs, continues killed ones and retries failed ones. The sweep fetches the data once before any job starts, and ends
+with one line: how many jobs failed and where their failed.json are (exit status 1), or where the report comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from cifarlab.errors import ConfigError, UserError, refuse
+from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, SAVED_CONFIG, claim, config_sha, lock_is_stale, set_aside,
+                                 to_train_log, write_json)
+
+log = logging.getLogger("cifarlab")
+
+
+def job(cfg: DictConfig) -> float:
+    """One job, in the folder Hydra made for it: returns the best validation accuracy (what a search maximises; never
+    the test set, which would overstate the result), NaN when it did not run to the end."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from cifarlab.prepare import settle
+    from cifarlab.train import Interrupted, run
+
+    run_dir, option_names = Path(HydraConfig.get().runtime.output_dir), dict(HydraConfig.get().runtime.choices)
+    settle(cfg)  # the config as the run records it (absolute paths), so that config_sha compares like with like
+    finished = run_dir / FINISHED
+    if finished.exists():
+        done = json.loads(finished.read_text())
+        if done.get("config_sha") == config_sha(cfg):
+            log.info("%s: finished before (test/acc %.4f); skipped", run_dir.name, done["test_acc"])
+            return done["best_val_acc"]
+        log.error("%s: holds a finished run of another config (see its config.yaml); left alone", run_dir)
+        return float("nan")
+    if (run_dir / RUNNING).exists():
+        if not lock_is_stale(run_dir):  # another process is running this job: leave its folder alone
+            log.error("%s: in use by another run (%s); skipped", run_dir, (run_dir / RUNNING).read_text().strip())
+            return float("nan")
+        (run_dir / RUNNING).unlink()
+    if (run_dir / FAILED).exists():
+        log.warning("%s: an earlier attempt failed; its files are kept in %s", run_dir, set_aside(run_dir).name)
+    # An earlier attempt that was killed or interrupted (with or without a checkpoint) is continued in place.
+    resume = (run_dir / SAVED_CONFIG).exists() or (run_dir / "checkpoints" / "last.ckpt").exists()
+    if resume:
+        log.warning("%s: an earlier attempt was stopped; continuing it", run_dir.name)
+    try:
+        if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+            raise ConfigError("trainer.strategy=ddp inside a -m sweep: Lightning re-runs the command for each rank "
+                              "with hydra.run.dir, which a sweep job does not use, so ranks would land in another "
+                              "folder; run single-device jobs (launcher=slurm gives each its own GPU) or trainer=ddp "
+                              "without -m")
+        with claim(run_dir):
+            return run(cfg, run_dir, option_names, resume=resume)["best_val_acc"]
+    except Interrupted as e:
+        print(f"\n{e}\nThe sweep stopped; run the same command again to go on: finished jobs are skipped and this "
+              "one continues where it stopped.", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        what = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        write_json(run_dir / FAILED, {"error": what, "traceback": traceback.format_exc()})
+        to_train_log(f"failed: {what}", logging.ERROR, sys.exc_info())
+        log.error("%s failed, the sweep goes on: %s", run_dir.name, what)
+        return float("nan")
+
+
+class SweepOutcome(Callback):
+    """Hydra calls it in the process that launches the jobs (configs/train.yaml, hydra.callbacks)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Fetch the data once, before Hydra makes the sweep folder: offline and without it, one line and no folder."""
+        from cifarlab.prepare import fetch_data  # torchvision: only for a sweep
+
+        self.started = time.time()
+        try:
+            fetch_data(config.data)
+        except UserError as e:
+            refuse(str(e))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        def since_start(path: Path) -> bool:  # written by this sweep, not an earlier one in the same folder
+            return path.exists() and path.stat().st_mtime >= self.started - 1
+
+        folders = sorted(sweep.iterdir()) if sweep.is_dir() else []
+        jobs = [f for f in folders if since_start(f / ".hydra" / "overrides.yaml")]
+        failed = [f / FAILED for f in jobs if since_start(f / FAILED)]
+        if failed:
+            refuse(f"{len(failed)} of {len(jobs)} jobs failed; why is in {', '.join(map(str, failed))}", status=1)
+        print(f"sweep: {len(jobs)} jobs in {sweep}; the table: cifarlab-report {sweep}")

@@ -1,0 +1,78 @@
+"""The shape of src/cifarlab: imports only point one way (no cycle, lazy imports included), each module one idea of a
+size a maintainer reads in one sitting, each function short enough to hold in one's head."""
+
+from __future__ import annotations
+
+import ast
+
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "cifarlab"
+MAX_MODULE_LINES = 350
+MAX_FUNCTION_LINES = 60
+
+
+def modules() -> dict[str, ast.Module]:
+    return {p.stem: ast.parse(p.read_text()) for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def imports(tree: ast.Module) -> set[str]:
+    """The cifarlab modules a module imports, at its top or inside a function (TYPE_CHECKING blocks left out)."""
+    found = set()
+    type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                 and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+                 for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cifarlab"):
+            if node.module == "cifarlab":
+                found |= {alias.name for alias in node.names}
+            else:
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("cifarlab.")}
+    return found
+
+
+def test_no_import_cycle_in_the_package():
+    graph = {name: imports(tree) - {name} for name, tree in modules().items() if name != "__init__"}
+    assert set().union(*graph.values()) <= set(graph) | {"schema"}, "imports a module that is not there"
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", f"import cycle: {' -> '.join(path + [name])}"
+        state[name] = "open"
+        for other in sorted(graph.get(name, ())):
+            visit(other, path + [name])
+        state[name] = "done"
+
+    for name in graph:
+        visit(name, [])
+    assert "train" not in graph["cli"] or "cli" not in graph["train"]
+
+
+def test_modules_and_functions_stay_small():
+    too_long = {f"{p.name}: {n} lines" for p in PACKAGE.glob("*.py")
+                if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not too_long, too_long
+    long_functions = []
+    for name, tree in modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{name}.{node.name}: {length} lines")
+    assert not long_functions, long_functions
+
+
+def test_only_the_entry_points_and_the_builders_instantiate_from_the_config():
+    """Style: the model is pure torch and receives layer factories; config turns into objects in one place."""
+    tree = modules()["model"]
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "math", "collections", "typing", "torch"}, imported
+    users = sorted(p.stem for p in PACKAGE.glob("*.py") if "instantiate(" in p.read_text())
+    assert users == ["assemble", "build"], users
