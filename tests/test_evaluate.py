@@ -11,7 +11,7 @@ import pytest
 
 from omegaconf import OmegaConf
 
-from cifarlab.evaluate import checkpoint_file, run_config, score
+from cifarlab.evaluate import checkpoint_file, run_config, score, views
 from conftest import compose_config, read_metrics, run_cli
 
 EVAL = Path(sys.executable).parent / "cifarlab-eval"
@@ -74,9 +74,12 @@ def test_a_run_with_test_time_views_is_scored_with_them_and_without(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir)
     assert metrics["test_acc"] != metrics["test_acc_no_tta"]  # the views change the figure, so ignoring them shows
-    result = evaluate(str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((run_dir / "eval.json").read_text())
+    cfg = run_config(run_dir, None)  # cifarlab-eval's own functions, in this process: the run's own views by default
+    assert views(cfg, None, None) == (True, 1) and views(cfg, False, None) == (False, 1)
+    own = OmegaConf.merge(cfg, {"test_shift": 0})  # a run with flips alone is scored with flips alone
+    none = OmegaConf.merge(cfg, {"test_shift": 0, "test_flips": False})  # a run with no views: flips and 1 px
+    assert views(own, None, None) == (True, 0) and views(none, None, None) == (True, 1)
+    report = score(cfg, checkpoint_file(run_dir, None), *views(cfg, None, None))
     assert report["views"] == {"flips": True, "shift": 1} and report["data_source"] == "synthetic"
     n_test = report["n_test"]
     assert report["test_acc"] == pytest.approx(metrics["test_acc"], abs=1.01 / n_test)

@@ -8,6 +8,7 @@ import os
 import re
 
 import lightning as L
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarlab import prepare, train
@@ -23,32 +24,27 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_a_learning_rate_monitor_per_step_logs_each_optimizer_step(tmp_path):
+def test_lightning_callbacks_from_the_command_line_work_at_the_defaults(tmp_path):
+    """A LearningRateMonitor per step, an EMA of the weights and a ThroughputMonitor, added as a Lightning user adds
+    them: each sees every optimizer step."""
     run_dir = tmp_path / "run"
-    result = run_cli(*SMALL, "trainer.log_every_n_steps=1", "+callbacks.lr._target_=lightning.pytorch.callbacks."
-                     "LearningRateMonitor", "+callbacks.lr.logging_interval=step", f"hydra.run.dir={run_dir}",
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(run_dir)
-    steps = read_metrics(run_dir)["steps"]
-    assert steps == 20
-    (tag,) = [t for t in logged if t.startswith("lr-")]
-    assert [s for s, _ in logged[tag]] == list(range(steps))  # one point per optimizer step
-    assert [v for _, v in logged[tag]] == [v for _, v in logged["train/lr"]]  # the rate each step used
-
-
-def test_ema_and_throughput_callbacks_work_at_the_defaults(tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli(*SMALL, "trainer.log_every_n_steps=2",
+    result = run_cli(*SMALL, "trainer.log_every_n_steps=1",
+                     "+callbacks.lr._target_=lightning.pytorch.callbacks.LearningRateMonitor",
+                     "+callbacks.lr.logging_interval=step",
                      "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
                      "+callbacks.speed._target_=lightning.pytorch.callbacks.ThroughputMonitor",
                      "+callbacks.speed.batch_size_fn._target_=cifarlab.batches.images_in",
                      "+callbacks.speed.batch_size_fn._partial_=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = scalars(run_dir)
-    assert logged["train/samples"][-1][1] == 20 * 100  # every image of every step counted, one step at a time
-    state = __import__("torch").load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert any("ema" in key.lower() for key in state["callbacks"]), list(state["callbacks"])
+    steps = read_metrics(run_dir)["steps"]
+    assert steps == 20
+    (tag,) = [t for t in logged if t.startswith("lr-")]
+    assert [s for s, _ in logged[tag]] == list(range(steps))  # one learning-rate point per optimizer step
+    assert [v for _, v in logged[tag]] == [v for _, v in logged["train/lr"]]  # the rate each step used
+    assert logged["train/samples"][-1][1] == steps * 100  # every image of every step counted, one step at a time
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any("ema" in key.lower() for key in state["callbacks"]), list(state["callbacks"])  # the EMA's weights
 
 
 class ProgressTotal(L.Callback):

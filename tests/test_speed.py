@@ -282,8 +282,10 @@ def test_limit_train_batches_and_max_steps_are_the_trainers_own(tmp_path, limit,
 
 
 # The processes that train or measure: each must import cifarlab first, so that its environment defaults are set before
-# torch, numpy and lightning load.
-ENTRY_POINTS = ["cifarlab.train", "benchmark", "time_to_accuracy", "profile_step"]
+# torch, numpy and lightning load. The training process is probed for real below; the measuring scripts are checked to
+# import cifarlab before any of those (test_measuring_scripts_import_cifarlab_first).
+ENTRY_POINTS = ["cifarlab.train"]
+MEASURING_SCRIPTS = ["benchmark", "time_to_accuracy", "profile_step"]
 
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -359,3 +361,17 @@ def test_numpy_blas_leaves_no_thread_spinning_beside_training(probes):
     if spinning <= 150:
         pytest.skip(f"numpy's BLAS on 2 threads used {spinning} ms of CPU while idle: it does not spin here")
     assert probes["defaults"]["idle_cpu_ms"] < 20  # cifarlab's default: idle, nothing spins
+
+
+@pytest.mark.parametrize("script", MEASURING_SCRIPTS)
+def test_measuring_scripts_import_cifarlab_first(script):
+    """Where the defaults of `import cifarlab` (huge pages, numpy's BLAS on one thread) must precede torch, numpy and
+    lightning: the first of the script's top-level imports that loads any of them is `import cifarlab`."""
+    import ast
+
+    tree = ast.parse((REPO / "scripts" / f"{script}.py").read_text())
+    heavy = ("torch", "numpy", "lightning", "cifarlab")
+    first = next(name for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                 for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
+                 if name.split(".")[0] in heavy)
+    assert first == "cifarlab", (script, first)

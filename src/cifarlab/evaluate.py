@@ -82,6 +82,14 @@ def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int) -> dict[str, Any
             "data_source": arrays.source, "data_root": arrays.root, "device": str(device)}
 
 
+def views(cfg: DictConfig, flips: bool | None, shift: int | None) -> tuple[bool, int]:
+    """The test-time views to score with: those asked for, else the run's own, else (a run that had none) flips and
+    a 1 px shift."""
+    own = bool(cfg.test_flips) or cfg.test_shift > 0
+    return (flips if flips is not None else (bool(cfg.test_flips) if own else True),
+            shift if shift is not None else (int(cfg.test_shift) if own else 1))
+
+
 def free_name(run_dir: Path) -> Path:
     path, n = run_dir / "eval.json", 1
     while path.exists():
@@ -111,9 +119,7 @@ def main() -> None:
     try:
         cfg = run_config(args.run, roots[-1] if roots else None)
         ckpt = checkpoint_file(args.run, args.checkpoint)  # before the config is read further
-        views = bool(cfg.test_flips) or cfg.test_shift > 0
-        flips = args.flips if args.flips is not None else (cfg.test_flips if views else True)
-        shift = args.shift if args.shift is not None else (cfg.test_shift if views else 1)
+        flips, shift = views(cfg, args.flips, args.shift)
         result = score(cfg, ckpt, flips, shift)
     except UserError as e:
         refuse(str(e), e.exit_status)
