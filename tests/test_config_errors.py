@@ -311,10 +311,10 @@ def test_the_command_line_hands_the_run_its_folder_and_what_it_prepared(tmp_path
         Singleton.set_state(hydra_state)
     (argv, prepared), = started
     if args == ["resume=run"]:  # the saved config, in its own folder: prepared by the run
-        assert argv == [f"hydra.run.dir={tmp_path / 'run'}", "hydra.output_subdir=null", f"resume={tmp_path / 'run'}"]
+        assert argv == [f"hydra.run.dir='{tmp_path / 'run'}'", "hydra.output_subdir=null", f"resume='{tmp_path / 'run'}'"]
         assert prepared is None
         return
-    assert argv[-1] == f"hydra.run.dir={tmp_path / 'new'}"  # the folder prepared for, passed on
+    assert argv[-1] == f"hydra.run.dir='{tmp_path / 'new'}'"  # the folder prepared for, passed on as Hydra reads it
     assert (prepared is None) == (args[0] != "data=synthetic")
     assert not (tmp_path / "new").exists()
 

@@ -64,7 +64,8 @@ def test_a_failed_job_of_a_sweep_keeps_its_trace_and_the_sweep_says_so(tmp_path,
         assert failed["error"].startswith("RuntimeError: injected failure") and "broken_step" in failed["traceback"]
         assert "Traceback (most recent call last)" in (job / "train.log").read_text()
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: 2 of 2 jobs failed; why is in {jobs[0] / 'failed.json'}, {jobs[1] / 'failed.json'}")
+        f"error: 2 of 2 jobs failed; why is in {jobs[0] / 'failed.json'}, {jobs[1] / 'failed.json'}; the same command "
+        f"with hydra.sweep.dir='{sweep}' retries them and skips the rest")
 
 
 def closed_port() -> int:

@@ -40,7 +40,7 @@ def logged(run_dir: Path) -> tuple[collections.Counter, dict]:
     return counts, values
 
 
-def start(run_dir: Path, cwd: Path) -> subprocess.Popen:
+def start(run_dir: Path | str, cwd: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     # SIGINT as a terminal gives it, whatever this process inherited: a test suite started in the background (`nohup`,
     # `&`) ignores SIGINT, and a Python started with SIGINT ignored never turns it into KeyboardInterrupt.
@@ -71,7 +71,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def assert_same_run(resumed: Path, reference: Path) -> None:
     got, want = read_metrics(resumed), read_metrics(reference)
-    for key in ("test_acc", "test_loss", "best_val_acc", "epochs", "steps", "n_train", "choices"):
+    for key in ("test_acc", "test_loss", "best_val_acc", "best_checkpoint", "epochs", "steps", "n_train", "choices"):
         assert got[key] == want[key], (key, got[key], want[key])
     assert got["resumed"] is True and want["resumed"] is False
     counts, values = logged(resumed)
@@ -115,8 +115,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_metrics_and_steps(tmp_pat
 
 
 def test_ctrl_c_flushes_says_how_to_resume_and_resumes(tmp_path, uninterrupted):
+    """As a user types it: the run folder and resume= relative to where the command runs."""
     run_dir = tmp_path / "run"
-    proc = start(run_dir, tmp_path)
+    proc = start("run", tmp_path)
     last = run_dir / "checkpoints" / checkpoint.LAST
     wait_for(last.exists, proc, "a checkpoint")
     size = events_size(run_dir)
@@ -131,7 +132,7 @@ def test_ctrl_c_flushes_says_how_to_resume_and_resumes(tmp_path, uninterrupted):
     assert not (run_dir / ".running").exists() and not (run_dir / "metrics.json").exists()
     counts, _ = logged(run_dir)  # flushed: the interrupted epoch's steps are on disk
     assert max(step for tag, step in counts if tag == "train/loss") >= 21  # epoch 2 began at step 21
-    result = run_cli(f"resume={run_dir}", cwd=tmp_path)
+    result = run_cli("resume=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(run_dir, uninterrupted)
 

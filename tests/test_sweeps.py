@@ -95,7 +95,8 @@ def test_a_failing_job_does_not_stop_the_others_and_the_sweep_exits_1_saying_whe
     assert error.startswith("model.pool.kernel_size=40") and "shrinks a feature map to nothing" in error
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last == f"error: 4 of 8 jobs failed; why is in {', '.join(str(f / 'failed.json') for f in failed)}"
+    assert last == (f"error: 4 of 8 jobs failed; why is in {', '.join(str(f / 'failed.json') for f in failed)}; the "
+                    f"same command with hydra.sweep.dir='{sweep}' retries them and skips the rest")
     assert "Traceback" not in result.stderr
 
 
@@ -149,6 +150,10 @@ def test_running_the_sweep_again_skips_finished_jobs_and_retries_the_rest(small_
     failed = [f for f in job_folders(sweep) if (f / "failed.json").exists()]
     assert len(failed) == 4  # tried again, failed again; each earlier failed attempt kept aside
     assert all(len(list(f.glob("attempt-*/failed.json"))) == 1 for f in failed)
+    for f in failed:  # each attempt's log stays with it: the earlier one set aside, this one's in the job folder
+        assert "failed: " in (f / "train.log").read_text()
+        (earlier,) = f.glob("attempt-*/train.log")
+        assert "failed: " in earlier.read_text() and earlier.read_text() != (f / "train.log").read_text()
 
 
 def test_ad_hoc_grids_still_work(tmp_path):

@@ -198,3 +198,14 @@ def test_tutorial_experiment_is_the_seed_recipe():
     assert cfg.scheduler._target_ is None
     assert cfg.data.normalize is False and not cfg.data.augment.flip and cfg.data.augment.crop_padding == 0
     assert OmegaConf.to_container(cfg.model) == OmegaConf.to_container(compose_config().model)
+
+
+def test_a_run_folder_named_with_spaces_commas_and_brackets_works(tmp_path):
+    """cifarlab-train hands Hydra the folder it prepared for; a path Hydra's override parser would read otherwise
+    (a comma: a sweep; brackets, quotes) must reach it unchanged."""
+    run_dir = tmp_path / "my runs, v2 (it's)"
+    quoted = str(run_dir).replace("'", "\\'")
+    result = run_cli("data=synthetic", "data.n_train=600", "trainer.max_epochs=1", "callbacks=plain",
+                     f"hydra.run.dir='{quoted}'", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(run_dir)["epochs"] == 1 and (run_dir / "train.log").is_file()

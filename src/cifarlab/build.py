@@ -80,11 +80,13 @@ def arguments(node: DictConfig) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 
-def check_names(key: str, target: str, cls: type, args: dict[str, Any]) -> None:
-    """Every argument must be one the class takes, and every one it needs must be there: model/pool=lp swaps the
-    class but keeps the values an experiment set under model.pool, so a name the new class lacks is a likely slip."""
+def check_names(key: str, target: str, cls: type, args: dict[str, Any], supplied: tuple[str, ...] = ()) -> None:
+    """Every argument must be one the class takes, and every one it needs must be there (but those the run supplies:
+    the optimizer, the schedule's length): model/pool=lp swaps the class but keeps the values an experiment set under
+    model.pool, so a name the new class lacks is a likely slip."""
     params = inspect.signature(cls).parameters
-    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    named = {n: p for n, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in supplied}
     takes = ", ".join(n for n in named if n not in ("device", "dtype"))
     for name, value in args.items():
         if name not in named:
@@ -186,7 +188,8 @@ def optimizer(node: DictConfig) -> Callable[[Any], torch.optim.Optimizer]:
     """parameters -> the optimizer (_partial_: true in its YAML)."""
     from hydra.utils import instantiate
 
-    resolve_target(node.get("_target_"), "optimizer")
+    cls = resolve_target(node.get("_target_"), "optimizer")
+    check_names("optimizer", node._target_, cls, arguments(node), supplied=("params",))
     factory = instantiate(node, _convert_="all")  # plain lists in the optimizer's state, for weights_only loading
     try:
         factory([nn.Parameter(torch.zeros(1))])  # torch checks its own arguments
@@ -207,17 +210,19 @@ def scheduler(node: DictConfig) -> Callable[[torch.optim.Optimizer, int], Any] |
     if length is None:
         raise ConfigError(f"scheduler._target_={node._target_}: only schedulers taking total_steps or T_max are "
                           "supported (the run's length is passed in)")
+    check_names("scheduler", node._target_, cls, arguments(node), supplied=("optimizer", length))
     partial = instantiate(node, _convert_="all")
     name = node._target_.rsplit(".", 1)[-1]
 
     def make(opt: torch.optim.Optimizer, total_steps: int) -> Any:
         try:
             return partial(opt, **{length: total_steps})
-        except (ZeroDivisionError, ValueError) as e:  # OneCycleLR divides by its warm-up's length
-            why = "a warm-up of one step, which torch divides by" if isinstance(e, ZeroDivisionError) else first_line(e)
-            raise ConfigError(f"scheduler={name} cannot schedule {total_steps} training steps ({why}; "
-                              f"scheduler.pct_start={fmt(node.get('pct_start'))}); change scheduler.pct_start, "
-                              "trainer.max_epochs or data.batch_size") from None
+        except ZeroDivisionError:  # OneCycleLR divides by its warm-up's length
+            raise ConfigError(f"scheduler={name} cannot schedule {total_steps} training steps (a warm-up of one step, "
+                              f"which torch divides by; scheduler.pct_start={fmt(node.get('pct_start'))}); change "
+                              "scheduler.pct_start, trainer.max_epochs or data.batch_size") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"scheduler ({node._target_}) for {total_steps} training steps: {first_line(e)}") from None
 
     return make
 

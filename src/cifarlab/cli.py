@@ -26,8 +26,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifarlab import schema
 from cifarlab.errors import ConfigError, UserError, refuse
-from cifarlab.run_folder import (FINISHED, RUNNING, SAVED_CONFIG, finished_run, is_ddp_child, resume_overrides,
-                                 stopped_run, to_train_log)
+from cifarlab.run_folder import (FINISHED, RUNNING, SAVED_CONFIG, finished_run, is_ddp_child, override,
+                                 resume_overrides, stopped_run, to_train_log)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -93,7 +93,7 @@ def planned_run_dir(cfg: DictConfig) -> Path | None:
     resolves inside the run."""
     HydraConfig.instance().set_config(cfg)
     try:
-        return Path(str(cfg.hydra.run.dir))
+        return Path(str(cfg.hydra.run.dir)).expanduser().resolve()  # absolute, as Hydra's own output_dir is
     except Exception:
         return None
 
@@ -116,8 +116,8 @@ def checked_in_the_run(cfg: DictConfig, overrides: list[str]) -> bool:
     """Values that read Hydra's runtime (${hydra:...}) or variables that hydra.job.env_set sets exist only inside
     the run: such a run prepares itself, after Hydra has made its folder."""
     task = OmegaConf.to_container(cfg, resolve=False)
-    task.pop("hydra", None)
-    return "${hydra:" in str(task) or any("hydra.job.env_set" in a for a in overrides)
+    env_set = task.pop("hydra", {}).get("job", {}).get("env_set")  # from the command line or any config file
+    return "${hydra:" in str(task) or bool(env_set) or any("hydra.job.env_set" in a for a in overrides)
 
 
 def prepare_before_the_folder(args: list[str]) -> tuple[Any, list[str]]:
@@ -128,7 +128,7 @@ def prepare_before_the_folder(args: list[str]) -> tuple[Any, list[str]]:
         return None, []
     check_folder(run_dir)
     if checked_in_the_run(cfg, args):
-        return None, [f"hydra.run.dir={run_dir}"]
+        return None, [override("hydra.run.dir", run_dir)]
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -139,7 +139,7 @@ def prepare_before_the_folder(args: list[str]) -> tuple[Any, list[str]]:
     try:
         from cifarlab.prepare import prepare
 
-        return prepare(cfg, run_dir, choices), [f"hydra.run.dir={run_dir}"]
+        return prepare(cfg, run_dir, choices), [override("hydra.run.dir", run_dir)]
     finally:
         logging.getLogger().removeHandler(placeholder)
         quiet_lightning_console()
@@ -201,6 +201,14 @@ def cli() -> None:
         if full_error():
             raise
         refuse(str(e), e.exit_status)
+    except KeyboardInterrupt:  # while preparing (a download, reading the data): nothing was written yet
+        print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # unforeseen, and no run folder yet to hold the trace
+        if full_error():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        refuse(f"{type(e).__name__}: {first} (before the run started; HYDRA_FULL_ERROR=1 shows the trace)", 1)
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(task(prepared))()
 
 

@@ -30,7 +30,10 @@ def checkpoint_file(run_dir: Path, which: str | None) -> Path:
     metrics = json.loads((run_dir / FINISHED).read_text()) if (run_dir / FINISHED).exists() else {}
     which = which or metrics.get("tested_checkpoint") or ("best" if (run_dir / "checkpoints/best.ckpt").exists()
                                                           else "last")
-    path = run_dir / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
+    if which == "best" and metrics.get("best_checkpoint"):  # the file the run's own test named (best-v1.ckpt, ...)
+        path = run_dir / metrics["best_checkpoint"]
+    else:
+        path = run_dir / "checkpoints" / f"{which}.ckpt" if which in ("best", "last") else Path(which)
     if not path.is_file():
         raise CheckpointError(f"--checkpoint {which}: {path}: no such file")
     return path
@@ -107,6 +110,8 @@ def main() -> None:
     p.add_argument("--flips", action=argparse.BooleanOptionalAction, default=None, help="mirror-image views")
     p.add_argument("--shift", type=int, default=None, help="px; views shifted up-left and down-right (0 = none)")
     args = p.parse_args()
+    if args.run is not None and "=" in args.run.name:  # `cifarlab-eval data.root=...`: the newest run, another folder
+        args.overrides, args.run = [str(args.run), *args.overrides], None
     args.run = args.run or latest("runs/*/*")
     if args.run is None:
         refuse("no run folder under outputs/runs/; give the folder a run printed as 'logs: <folder>'")

@@ -74,7 +74,7 @@ def training_precision(requested: str, accelerator: str) -> str:
         return requested
     if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
         return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
 
 
 def schedule_length(cfg: DictConfig, n_train: int) -> int:

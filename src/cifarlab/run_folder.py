@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
+import shutil
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
@@ -139,9 +141,19 @@ def set_aside(run_dir: Path) -> Path:
     attempt = run_dir / f"attempt-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     attempt.mkdir()
     for path in run_dir.iterdir():
-        if path.name not in (".hydra", attempt.name) and not path.name.startswith("attempt-"):
+        if path.name == "train.log":  # the new attempt's log handler has it open already: copy it, then empty it
+            shutil.copy2(path, attempt / path.name)
+            path.write_text("")
+        elif path.name not in (".hydra", attempt.name) and not path.name.startswith("attempt-"):
             path.rename(attempt / path.name)
     return attempt
+
+
+def override(key: str, value: str | Path) -> str:
+    """key='value' as Hydra's override parser reads any value back unchanged (a path with , = ( ' or spaces)."""
+    # Hydra unescapes backslashes only before a quote or at the end of a quoted value
+    quoted = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), str(value))
+    return f"{key}='{quoted}'"
 
 
 def resume_overrides(folder: str, others: list[str]) -> list[str]:
@@ -169,7 +181,7 @@ def resume_overrides(folder: str, others: list[str]) -> list[str]:
             raise RunFolderError(f"resume={folder}: a run is still using this folder ({holder}); if it is dead, "
                                  f"delete {run_dir / RUNNING} first")
         (run_dir / RUNNING).unlink()  # its process is gone: killed
-    return [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}"]
+    return [override("hydra.run.dir", run_dir), "hydra.output_subdir=null", override("resume", run_dir)]
 
 
 def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None, list[str] | None]:

@@ -1,7 +1,7 @@
 """`cifarlab-train -m`: one job of a sweep, and what the sweep does before its first job and after its last.
 
-A job that fails writes failed.json (its error and trace) and the sweep goes on; run again, a sweep skips its finished
-jobs, continues killed ones and retries failed ones. The sweep fetches the data once before any job starts, and ends
+A job that fails writes failed.json (its error and trace) and the sweep goes on; run again into the same folder
+(hydra.sweep.dir=...), a sweep skips its finished jobs, continues killed ones and retries failed ones. The sweep fetches the data once before any job starts, and ends
 with one line: how many jobs failed and where their failed.json are (exit status 1), or where the report comes from.
 """
 
@@ -19,8 +19,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from cifarlab.errors import ConfigError, UserError, refuse
-from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, SAVED_CONFIG, claim, config_sha, lock_is_stale, set_aside,
-                                 to_train_log, write_json)
+from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, SAVED_CONFIG, claim, config_sha, lock_is_stale, override,
+                                 set_aside, to_train_log, write_json)
 
 log = logging.getLogger("cifarlab")
 
@@ -99,5 +99,6 @@ class SweepOutcome(Callback):
         jobs = [f for f in folders if since_start(f / ".hydra" / "overrides.yaml")]
         failed = [f / FAILED for f in jobs if since_start(f / FAILED)]
         if failed:
-            refuse(f"{len(failed)} of {len(jobs)} jobs failed; why is in {', '.join(map(str, failed))}", status=1)
+            refuse(f"{len(failed)} of {len(jobs)} jobs failed; why is in {', '.join(map(str, failed))}; the same "
+                   f"command with {override('hydra.sweep.dir', sweep)} retries them and skips the rest", status=1)
         print(f"sweep: {len(jobs)} jobs in {sweep}; the table: cifarlab-report {sweep}")
