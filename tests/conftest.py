@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,10 @@ def subset_run(tmp_path_factory, subset_root, worker_id):
     result = subprocess.CompletedProcess([str(CLI), *args], **json.loads(saved.read_text()))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir, result, args
+
+
+def get(url: str, body: dict | None = None) -> dict:
+    """A TensorBoard server's JSON: GET, or POST with a JSON body (the HParams plugin's queries)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(request, timeout=30).read())

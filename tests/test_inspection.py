@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import os
 import signal
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from cifarlab import batches, board, build, cifar10, datamodule, inspection
-from conftest import REPO, compose_config, option_names, read_metrics, run_cli
+from conftest import REPO, compose_config, get, option_names, read_metrics, run_cli
 
 PAD = inspection.GRID_PADDING
 STAGE_TAGS = [f"pool/stage{i}" for i in (1, 2, 3)]
@@ -343,12 +341,6 @@ def server(run):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-
-
-def get(url: str, body: dict | None = None) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
-                                     headers={"Content-Type": "application/json"})
-    return json.loads(urllib.request.urlopen(request, timeout=30).read())
 
 
 def test_server_lists_images_scalars_graph_histograms_and_hparams(server, run):

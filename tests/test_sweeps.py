@@ -8,17 +8,21 @@ import itertools
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cifarlab import board, stats
 from cifarlab.prepare import prepare
-from conftest import CONFIG_DIR, compose_config, option_names, read_metrics, run_cli
+from conftest import CONFIG_DIR, compose_config, get, option_names, read_metrics, run_cli
 
 # A job shrunk to seconds: made-up data, one batch of each split, no inspection.
 TINY = ["data=synthetic", "data.n_train=300", "data.n_test=100", "trainer.max_epochs=1",
@@ -74,12 +78,18 @@ def test_every_named_grid_runs_one_job_per_configuration(tmp_path, name):
             assert f.name == f"{f.name.split('_')[0]}_{c['pool']}-{c['activation']}-{c['norm']}-{c['dropout']}_s{m['seed']}"
 
 
+SEEDS = (0, 1, 2)
+EPOCHS = 2  # a band over seeds in the report's TensorBoard run needs more than one point
+
+
 @pytest.fixture(scope="module")
 def small_sweep(tmp_path_factory):
-    """2 x 2 grid, 2 seeds, one configuration made to fail (a pooling that leaves nothing)."""
+    """2 x 2 grid, 3 seeds, one configuration made to fail (a pooling that leaves nothing), 2 epochs a job."""
     work = tmp_path_factory.mktemp("sweep")
     sweep = work / "grid"
-    args = ["-m", "model/pool=max,avg", "model.pool.kernel_size=2,40", "seed=0,1", *TINY, f"hydra.sweep.dir={sweep}"]
+    tiny = [a for a in TINY if not a.startswith("trainer.max_epochs=")] + [f"trainer.max_epochs={EPOCHS}"]
+    args = ["-m", "model/pool=max,avg", "model.pool.kernel_size=2,40", f"seed={','.join(map(str, SEEDS))}", *tiny,
+            f"hydra.sweep.dir={sweep}"]
     result = run_cli(*args, cwd=work, timeout=600)
     return work, sweep, args, result
 
@@ -87,42 +97,92 @@ def small_sweep(tmp_path_factory):
 def test_a_failing_job_does_not_stop_the_others_and_the_sweep_exits_1_saying_where_they_are(small_sweep):
     _, sweep, _, result = small_sweep
     folders = job_folders(sweep)
-    assert len(folders) == 8
+    assert len(folders) == 4 * len(SEEDS)
     failed = [f for f in folders if (f / "failed.json").exists()]
     finished = [f for f in folders if (f / "metrics.json").exists()]
-    assert len(failed) == 4 and len(finished) == 4
+    assert len(failed) == len(finished) == 2 * len(SEEDS)
     error = json.loads((failed[0] / "failed.json").read_text())["error"]
     assert error.startswith("model.pool.kernel_size=40") and "shrinks a feature map to nothing" in error
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last == (f"error: 4 of 8 jobs failed; why is in {', '.join(str(f / 'failed.json') for f in failed)}; the "
+    where = ", ".join(str(f / "failed.json") for f in failed)
+    assert last == (f"error: {len(failed)} of {len(folders)} jobs failed; why is in {where}; the "
                     f"same command with hydra.sweep.dir='{sweep}' retries them and skips the rest")
     assert "Traceback" not in result.stderr
 
 
-def test_report_has_one_row_per_configuration_a_plot_and_a_tensorboard_run(small_sweep):
+def finished_accs(sweep: Path, pool: str) -> dict[int, float]:
+    """{seed: test accuracy %} of the sweep's finished jobs with this pooling."""
+    return {m["seed"]: 100 * m["test_acc"] for f in job_folders(sweep) if (f / "metrics.json").exists()
+            and (m := read_metrics(f))["choices"]["pool"] == pool}
+
+
+def test_report_compares_each_row_with_the_baseline_paired_by_seed(small_sweep):
     work, sweep, _, _ = small_sweep
     result = subprocess.run([str(REPORT), str(sweep)], capture_output=True, text=True, timeout=120, cwd=work)
     assert result.returncode == 0, result.stderr
-    rows = list(csv.DictReader(open(sweep / "report.csv")))
-    assert len(rows) == 4
-    by_config = {r["configuration"]: r for r in rows}
-    assert set(by_config) == {f"pool={p} pool.kernel_size={k}" for p in ("max", "avg") for k in (2, 40)}
-    ok = by_config["pool=max pool.kernel_size=2"]
-    assert ok["seeds"] == "2" and ok["failed"] == "0" and float(ok["delta_vs_baseline"]) == 0.0  # the baseline
-    accs = [read_metrics(f)["test_acc"] for f in job_folders(sweep) if f.name.endswith(("max-none-none-none_s0",
-                                                                                         "max-none-none-none_s1"))
-            and (f / "metrics.json").exists()]
-    assert float(ok["test_acc_mean"]) == pytest.approx(sum(accs) / 2)
-    assert by_config["pool=avg pool.kernel_size=40"]["failed"] == "2"
-    assert by_config["pool=avg pool.kernel_size=40"]["seeds"] == "0"
+    rows = {r["configuration"]: r for r in csv.DictReader(open(sweep / "report.csv"))}
+    assert set(rows) == {f"pool={p} pool.kernel_size={k}" for p in ("max", "avg") for k in (2, 40)}
+    base, avg = rows["pool=max pool.kernel_size=2"], rows["pool=avg pool.kernel_size=2"]
+    assert base["verdict"] == "baseline" and base["seeds"] == str(len(SEEDS)) and base["failed"] == "0"
+    b, a = finished_accs(sweep, "max"), finished_accs(sweep, "avg")
+    assert set(a) == set(b) == set(SEEDS)
+    assert float(base["test_acc_mean"]) == pytest.approx(statistics.fmean(b.values()), abs=1e-4)
+    assert avg["paired"] == "True"
+    assert float(avg["delta"]) == pytest.approx(statistics.fmean(a[s] - b[s] for s in SEEDS), abs=1e-4)
+    for row in (base, avg):
+        assert float(row["ci95_low"]) <= float(row["test_acc_mean"]) <= float(row["ci95_high"])
+    assert float(avg["delta_ci95_low"]) <= float(avg["delta"]) <= float(avg["delta_ci95_high"])
+    p = float(avg["p_value"])
+    assert p == float(avg["p_holm"])  # one row compared: nothing to correct
+    assert p * 2 ** len(SEEDS) == pytest.approx(round(p * 2 ** len(SEEDS)), abs=1e-3)  # a count of sign patterns
+    assert 2 / 2 ** len(SEEDS) <= p <= 1
+    assert avg["verdict"] == "not distinguishable"  # 3 seeds cannot give p below 0.25
+    assert avg["seeds_needed"] == "inf" or int(avg["seeds_needed"]) >= 6
+    broken = rows["pool=avg pool.kernel_size=40"]
+    assert (broken["seeds"], broken["failed"], broken["verdict"], broken["p_value"]) == ("0", str(len(SEEDS)), "", "")
     text = (sweep / "report.md").read_text()
     assert "(documented model)" in text and "## Failed or unfinished jobs" in text and "kernel_size=40" in text
     assert "`synthetic`" in text  # the data is named next to the numbers
-    assert "test accuracy is that of each job's best-validation checkpoint;" in text  # test_checkpoint's default
-    assert Image.open(sweep / "report.png").size[0] > 300
-    assert list((sweep / "report").glob("events.out.tfevents.*"))
-    assert "test acc" in result.stdout  # the table, printed
+    assert "test accuracy is that of each job's best-validation checkpoint" in text  # test_checkpoint's default
+    assert "exact two-sided sign-flip test" in text and "## Main effects" in text  # a two-factor grid
+    assert Image.open(sweep / "report.png").size[0] > 300 and Image.open(sweep / "heatmap.png").size[0] > 300
+    assert "not distinguishable" in result.stdout  # the table, printed
+
+
+def test_report_tensorboard_run_draws_seed_bands_on_a_real_server(small_sweep):
+    _, sweep, _, _ = small_sweep
+    if not (sweep / "report").is_dir():
+        subprocess.run([str(REPORT), str(sweep)], capture_output=True, timeout=120, check=True)
+    curves = collections.defaultdict(list)  # seed -> [val/acc per epoch] of the pool=avg jobs
+    for f in job_folders(sweep):
+        if (f / "metrics.json").exists() and read_metrics(f)["choices"]["pool"] == "avg":
+            events = EventAccumulator(str(f))
+            events.Reload()
+            curves[read_metrics(f)["seed"]] = [(e.step, e.value) for e in events.Scalars("val/acc")]
+    assert len(curves) == len(SEEDS) and all(len(c) == EPOCHS for c in curves.values())
+    with board.serve(sweep) as url:
+        assert get(f"{url}/data/plugins_listing")["custom_scalars"]["enabled"]
+        (category,) = get(f"{url}/data/plugin/custom_scalars/layout")["category"]
+        charts = {c["title"]: c["margin"]["series"] for c in category["chart"]}
+        assert set(charts) == {"val/acc", "val/loss"}
+        (band,) = charts["val/acc"]  # one band per run that has the tags: a run per configuration
+        runs = {run for run, tags in get(f"{url}/data/plugin/scalars/tags").items() if band["value"] in tags}
+        assert runs == {"report/pool=max,pool.kernel_size=2", "report/pool=avg,pool.kernel_size=2"}
+        run = urllib.parse.quote("report/pool=avg,pool.kernel_size=2")
+        scalars = {k: get(f"{url}/data/plugin/scalars/scalars?run={run}&tag={urllib.parse.quote(band[k])}")
+                   for k in ("value", "lower", "upper")}
+        for epoch in range(EPOCHS):
+            values = [c[epoch][1] for c in curves.values()]
+            step, mean = scalars["value"][epoch][1:]
+            assert step == curves[0][epoch][0]  # at the jobs' own step, so the band lines up with their curves
+            assert mean == pytest.approx(statistics.fmean(values), abs=1e-6)
+            assert scalars["lower"][epoch][2] <= mean <= scalars["upper"][epoch][2]
+            assert (scalars["lower"][epoch][2], scalars["upper"][epoch][2]) == pytest.approx(
+                stats.mean_interval(values), abs=1e-6)
+        experiment = get(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
+        columns = [h["name"] for h in experiment["hparamInfos"]]
+        assert set(columns[:4]) == {"Pool", "Activation", "Norm", "Dropout"}, columns  # over the whole sweep
 
 
 def test_running_the_sweep_again_skips_finished_jobs_and_retries_the_rest(small_sweep):
@@ -136,19 +196,20 @@ def test_running_the_sweep_again_skips_finished_jobs_and_retries_the_rest(small_
     del finished[killed]
     (killed / ".running").write_text(f"pid 99999999 on {os.uname().nodename} since 2026-01-01T00:00:00+00:00\n")
     result = run_cli(*args, cwd=work, timeout=600)
-    assert result.returncode == 1, result.stderr[-3000:]  # the same four jobs fail again
-    assert result.stderr.strip().splitlines()[-1].startswith("error: 4 of 8 jobs failed; why is in ")
-    assert result.stderr.count("finished before") + result.stdout.count("finished before") == 3
+    assert result.returncode == 1, result.stderr[-3000:]  # the same jobs fail again
+    n = len(SEEDS)
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {2 * n} of {4 * n} jobs failed; why is in ")
+    assert result.stderr.count("finished before") + result.stdout.count("finished before") == 2 * n - 1
     for f, mtime in finished.items():
         assert (f / "metrics.json").stat().st_mtime_ns == mtime  # untouched
     assert (killed / "metrics.json").exists() and not (killed / ".running").exists()  # run to the end
     # continued from its last checkpoint (not from scratch), to the same numbers
-    assert "continuing after epoch 1 (step " in (killed / "train.log").read_text()
+    assert f"continuing after epoch {EPOCHS} (step " in (killed / "train.log").read_text()
     after = read_metrics(killed)
     assert after["resumed"] and (after["test_acc"], after["best_val_acc"]) == (before["test_acc"], before["best_val_acc"])
     assert not list(killed.glob("attempt-*"))
     failed = [f for f in job_folders(sweep) if (f / "failed.json").exists()]
-    assert len(failed) == 4  # tried again, failed again; each earlier failed attempt kept aside
+    assert len(failed) == 2 * len(SEEDS)  # tried again, failed again; each earlier failed attempt kept aside
     assert all(len(list(f.glob("attempt-*/failed.json"))) == 1 for f in failed)
     for f in failed:  # each attempt's log stays with it: the earlier one set aside, this one's in the job folder
         assert "failed: " in (f / "train.log").read_text()

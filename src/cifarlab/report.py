@@ -1,236 +1,166 @@
-"""cifarlab-report: a sweep folder -> one row per configuration (mean +- std over seeds), a plot, and the same in
-TensorBoard.
+"""cifarlab-report: a sweep folder -> one row per configuration with its interval over seeds, its difference from
+the baseline and whether that difference is more than seed-to-seed noise; plots; the same in TensorBoard.
 
     cifarlab-report outputs/multirun/<date>/<time>
     cifarlab-report                                   # the newest sweep under outputs/multirun/
+    cifarlab-report <sweep> --baseline "pool=avg"     # compare with another row than the documented model
 
-Writes report.md, report.csv and report.png into the sweep folder, and a TensorBoard run in <sweep>/report/ (the
-table as text, the plot as an image), then prints the table.
+Writes report.md, report.csv and report.png (heatmap.png too for a two-factor grid) into the sweep folder, and a
+TensorBoard run in <sweep>/report/ (the table, the plots, and val/acc and val/loss bands over seeds), then prints the
+table. The statistics are in stats.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+from cifarlab import report_board, report_plot, stats
+from cifarlab.run_folder import latest
+from cifarlab.sweep_results import RECIPE, Row, axes, baseline_row, collect, job_number, short, tested_checkpoints
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
-import numpy as np
-from omegaconf import OmegaConf
-
-from cifarlab.run_folder import FAILED, FINISHED, latest
-
-# The documented model: what every row is compared with...
-BASELINE = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
-# ...except in an ablation (`ablate=...` is an axis), where each row takes one ingredient out of the recipe itself.
-RECIPE = ("ablate", "none")
-IGNORED_KEYS = ("seed", "hydra.", "launcher", "sweep", "threads", "hparams_search")
-
-
-@dataclass
-class Job:
-    folder: Path
-    key: tuple[tuple[str, str], ...]  # the overrides that place it in the grid, seed excluded
-    seed: int | None
-    metrics: dict | None = None
-    error: str | None = None
-
-
-@dataclass
-class Row:
-    key: tuple[tuple[str, str], ...]
-    jobs: list[Job] = field(default_factory=list)
-
-    def values(self, name: str) -> list[float]:
-        return [j.metrics[name] for j in self.jobs if j.metrics and j.metrics.get(name) is not None]
-
-    def mean(self, name: str) -> float:
-        v = self.values(name)
-        return statistics.fmean(v) if v else math.nan
-
-    def std(self, name: str) -> float:
-        v = self.values(name)
-        return statistics.stdev(v) if len(v) > 1 else math.nan  # one seed says nothing about the spread
-
-    @property
-    def done(self) -> int:
-        return sum(1 for j in self.jobs if j.metrics)
-
-    @property
-    def failed(self) -> list[Job]:
-        return [j for j in self.jobs if not j.metrics]
-
-    def is_documented_model(self) -> bool:
-        choices = next((j.metrics["choices"] for j in self.jobs if j.metrics), None)
-        return choices is not None and all(choices.get(k) == v for k, v in BASELINE.items())
-
-    def label(self) -> str:
-        short = lambda k: k.split("/")[-1] if "/" in k else k.removeprefix("model.")  # noqa: E731
-        return " ".join(f"{short(k)}={v}" for k, v in self.key) or "(as configured)"
-
-
-def _override(text: str) -> tuple[str, str]:
-    key, _, value = text.lstrip("+~").partition("=")
-    return key, value
-
-
-def job_number(folder: Path) -> tuple[int, str]:
-    """Sort key: the order the grid was run in ("10_..." after "2_...")."""
-    head = folder.name.split("_", 1)[0]
-    return (int(head) if head.isdigit() else 1 << 30, folder.name)
-
-
-def read_job(folder: Path) -> Job | None:
-    """A job folder: one with metrics.json (finished), failed.json (raised), or .hydra/ only (never finished)."""
-    if not (folder / ".hydra").is_dir():
-        return None
-    metrics = json.loads((folder / FINISHED).read_text()) if (folder / FINISHED).exists() else None
-    if metrics is not None:
-        overrides = metrics.get("overrides", [])
-    else:
-        overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
-    pairs = [_override(o) for o in overrides]
-    seed = next((int(v) for k, v in pairs if k == "seed"), metrics.get("seed") if metrics else None)
-    key = tuple((k, v) for k, v in pairs if not k.startswith(IGNORED_KEYS))  # in the grid's own axis order
-    error = None
-    if metrics is None:
-        error = json.loads((folder / FAILED).read_text())["error"] if (folder / FAILED).exists() else "did not finish"
-    return Job(folder, key, seed, metrics, error)
-
-
-def tested_checkpoints(jobs: list[Job]) -> str:
-    """Which checkpoint the finished jobs' test figures score, in words (metrics.json's tested_checkpoint)."""
-    kinds = {j.metrics["tested_checkpoint"] for j in jobs if j.metrics}
-    if kinds == {"last"}:
-        return "last checkpoint (test_checkpoint=last: the weights training ended with)"
-    if kinds == {"best", "last"}:
-        return "best-validation or last checkpoint, as the job's test_checkpoint says"
-    return "best-validation checkpoint"
-
-
-def collect(sweep: Path) -> list[Row]:
-    jobs = [j for f in sorted(sweep.iterdir(), key=job_number) if f.is_dir() and (j := read_job(f))]
-    if not jobs:
-        raise SystemExit(f"error: {sweep}: no job folders (folders holding .hydra/) found")
-    # Keep only the overrides that differ between jobs: those are the grid's axes.
-    keys = {k for j in jobs for k, _ in j.key}
-    varying = {k for k in keys if len({dict(j.key).get(k) for j in jobs}) > 1}
-    rows: dict[tuple, Row] = {}
-    for j in jobs:
-        j.key = tuple((k, v) for k, v in j.key if k in varying)
-        rows.setdefault(j.key, Row(j.key)).jobs.append(j)
-    return sorted(rows.values(), key=lambda r: (-r.mean("test_acc") if r.done else math.inf, r.label()))
-
-
-def _pct(x: float) -> str:
-    return "—" if math.isnan(x) else f"{100 * x:.2f}"
-
-
-def _pct_spread(mean: float, std: float) -> str:
-    """'84.86 ± 0.31' over several seeds; '84.86' alone for one seed (no ± 0.00 that would pass for a measurement)."""
-    return _pct(mean) if math.isnan(std) and not math.isnan(mean) else f"{_pct(mean)} ± {_pct(std)}"
-
-
-CSV_FIELDS = ["configuration", "test_acc_mean", "test_acc_std", "delta_vs_baseline", "test_acc_no_tta_mean",
+CSV_FIELDS = ["configuration", "test_acc_mean", "test_acc_std", "ci95_low", "ci95_high", "delta", "delta_ci95_low",
+              "delta_ci95_high", "paired", "p_value", "p_holm", "verdict", "seeds_needed", "test_acc_no_tta_mean",
               "best_val_acc_mean", "best_val_acc_std", "params", "epoch_s", "seeds", "failed"]
 
 
-def baseline_row(rows: list[Row]) -> Row | None:
-    """In an ablation sweep the row of `ablate=none`; otherwise the documented model's row, if the grid has one."""
-    return next((r for r in rows if RECIPE in r.key), None) or next((r for r in rows if r.is_documented_model()), None)
-
-
-def summarize(rows: list[Row]) -> list[dict]:
-    """One dict of raw numbers per row (CSV_FIELDS, plus `baseline`): what the CSV holds and the table formats."""
-    baseline = baseline_row(rows)
+def summarize(rows: list[Row], baseline: Row | None) -> list[dict]:
+    """One dict per row (CSV_FIELDS, accuracies in percent, plus `baseline` and `baseline_is`): what the CSV holds
+    and the table formats."""
+    diffs = {id(r): stats.compare(r.per_seed("test_acc"), baseline.per_seed("test_acc"))
+             for r in rows if baseline is not None and r is not baseline}
+    tested = [r for r in rows if diffs.get(id(r)) is not None and not math.isnan(diffs[id(r)].p)]
+    p_holm = dict(zip(map(id, tested), stats.holm([diffs[id(r)].p for r in tested])))
     out = []
     for r in rows:
+        accs = list(r.per_seed("test_acc").values())  # what the tests compare: one value a seed
+        d, ci = diffs.get(id(r)), stats.mean_interval(accs)
         params = r.values("params")
-        out.append({
+        s = {
             "configuration": r.label(),
             "baseline": r is baseline,
-            "baseline_is": ("the recipe itself" if RECIPE in r.key else "documented model") if r is baseline else None,
-            "test_acc_mean": r.mean("test_acc"),
-            "test_acc_std": r.std("test_acc"),
-            "delta_vs_baseline": r.mean("test_acc") - baseline.mean("test_acc") if baseline else math.nan,
+            "baseline_is": None if r is not baseline else (
+                "the recipe itself" if RECIPE in r.key else "documented model" if r.is_documented_model() else
+                "--baseline"),
+            "test_acc_mean": statistics.fmean(accs) if accs else math.nan,
+            "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else math.nan,
+            "ci95_low": ci[0], "ci95_high": ci[1],
+            "delta": d.delta if d else math.nan, "delta_ci95_low": d.low if d else math.nan,
+            "delta_ci95_high": d.high if d else math.nan, "paired": d.paired if d else None,
+            "p_value": d.p if d else math.nan, "p_holm": p_holm.get(id(r), math.nan),
+            "verdict": "baseline" if r is baseline else stats.verdict(d, p_holm[id(r)]) if id(r) in p_holm else "",
+            "seeds_needed": math.nan,
             # runs with test-time views (test_flips, test_shift): the same checkpoints scored on the images alone
-            "test_acc_no_tta_mean": r.mean("test_acc_no_tta"),
-            "best_val_acc_mean": r.mean("best_val_acc"),
-            "best_val_acc_std": r.std("best_val_acc"),
+            "test_acc_no_tta_mean": 100 * r.mean("test_acc_no_tta"),
+            "best_val_acc_mean": 100 * r.mean("best_val_acc"), "best_val_acc_std": 100 * r.std("best_val_acc"),
             "params": int(params[0]) if params else None,
             "epoch_s": r.mean("epoch_s"),
             "seeds": r.done,
             "failed": len(r.failed),
-        })
+        }
+        if s["verdict"] == "not distinguishable":  # at the level the strictest Holm step asks of one row
+            s["seeds_needed"] = stats.seeds_needed(d, stats.ALPHA / len(tested))
+        out.append(s)
     return out
+
+
+def csv_row(s: dict) -> dict:
+    """Numbers rounded to what they mean (4 decimals of a percent), and an empty cell where there is none."""
+    return {k: "" if isinstance(v, float) and math.isnan(v) else round(v, 4) if isinstance(v, float) else
+            "" if v is None else v for k, v in s.items()}
+
+
+def _num(x: float, fmt: str = ".2f") -> str:
+    return "—" if x is None or math.isnan(x) else format(x, fmt)
+
+
+def _interval(mean: float, low: float, high: float, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if math.isnan(mean):
+        return "—"
+    if math.isnan(low):  # one seed: no interval, and no ± 0.00 that would pass for a measurement
+        return format(mean, f"{sign}.2f")
+    return f"{mean:{sign}.2f} [{low:{sign}.2f}, {high:{sign}.2f}]"
+
+
+def _p(x: float) -> str:
+    return "—" if math.isnan(x) else "<0.001" if x < 0.001 else f"{x:.3f}"
+
+
+def _seeds(x: float) -> str:
+    return "" if math.isnan(x) else f">{stats.MAX_SEEDS}" if math.isinf(x) else str(int(x))
 
 
 def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     tta = any(not math.isnan(s["test_acc_no_tta_mean"]) for s in summary)
-    header = ["configuration", "test acc % (mean ± std)", "Δ vs baseline", *(["without test-time views"] if tta else []),
-              "best val acc %", "params", "s/epoch", "seeds", "failed"]
+    header = ["configuration", "test acc % [95% CI]", "Δ vs baseline [95% CI]", "p (Holm)", "verdict",
+              "seeds needed", *(["without test-time views"] if tta else []), "best val acc %", "params", "s/epoch",
+              "seeds", "failed"]
     body = []
     for s in summary:
-        delta = "baseline" if s["baseline"] else (
-            "—" if math.isnan(s["delta_vs_baseline"]) else f"{100 * s['delta_vs_baseline']:+.2f}")
+        delta = "baseline" if s["baseline"] else _interval(s["delta"], s["delta_ci95_low"], s["delta_ci95_high"], True)
         body.append([
             s["configuration"] + (f" ({s['baseline_is']})" if s["baseline"] else ""),
-            _pct_spread(s["test_acc_mean"], s["test_acc_std"]),
-            delta,
-            *([_pct(s["test_acc_no_tta_mean"])] if tta else []),
-            _pct_spread(s["best_val_acc_mean"], s["best_val_acc_std"]),
+            _interval(s["test_acc_mean"], s["ci95_low"], s["ci95_high"]),
+            delta + ("" if s["paired"] is not False else " (unpaired)"),
+            _p(s["p_holm"]),
+            s["verdict"] if not s["baseline"] else "",
+            _seeds(s["seeds_needed"]),
+            *([_num(s["test_acc_no_tta_mean"])] if tta else []),
+            _num(s["best_val_acc_mean"]),
             f"{s['params']:,}" if s["params"] is not None else "—",
-            f"{s['epoch_s']:.2f}" if s["seeds"] else "—",
+            _num(s["epoch_s"]) if s["seeds"] else "—",
             str(s["seeds"]),
             str(s["failed"]),
         ])
     return header, body
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    axes = [k for k, _ in rows[0].key] if rows and rows[0].key else []
-    done = [r for r in rows if r.done]
-    baseline = baseline_row(rows)
-    if len(axes) == 2 and done:
-        a, b = axes
+def explanation(summary: list[dict], baseline: Row | None) -> list[str]:
+    """The three lines under the table: what the columns mean, or why they are empty."""
+    if baseline is None:
+        return ["No baseline row (the documented model, or `ablate=none`) in this grid: pick one with "
+                "`cifarlab-report <sweep> --baseline \"<configuration>\"` for Δ, p and verdicts."]
+    more_seeds = "Run the same grid with more seeds (`seed=0,1,2,3,4` on the command line) to get intervals, p values "
+    if max(s["seeds"] for s in summary) < 2:
+        return [f"One seed per configuration: no test is possible. {more_seeds}and verdicts."]
+    tested = sum(1 for s in summary if not math.isnan(s["p_value"]))
+    if tested == 0:
+        return [f"The baseline has {len(baseline.per_seed('test_acc'))} finished seed(s), or no other row has two: "
+                f"no test is possible. {more_seeds}and verdicts."]
+    return [
+        "- Accuracies in percent. Interval: 95% t-interval of the mean over seeds. Δ: row − baseline in points, "
+        "paired by seed where both rows ran the same seeds (else Welch, marked unpaired), with its 95% t-interval.",
+        f"- p: exact two-sided sign-flip test of the paired differences (a label permutation test when unpaired), "
+        f"Holm-corrected over the {tested} rows compared; verdict: better or worse where that p < {stats.ALPHA}.",
+        f"- Seeds needed (rows not distinguishable): seeds per row for {stats.POWER:.0%} power to detect the observed "
+        f"Δ at the observed spread (t-test power at {stats.ALPHA}/{tested}); n seeds cannot give p below 2/2^n.",
+    ]
+
+
+def main_effects(rows: list[Row]) -> dict[str, list[tuple[str, float, float, float, int]]]:
+    """Two-factor grids: for each factor, each level's mean over the other factor's levels, per seed, then the mean
+    and 95% interval of those per-seed means: [(level, mean, low, high, seeds)] in the grid's order."""
+    out = {}
+    for axis in axes(rows):
         in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
-        xs = list(dict.fromkeys(dict(r.key)[b] for r in in_grid_order))
-        ys = list(dict.fromkeys(dict(r.key)[a] for r in in_grid_order))
-        grid = np.full((len(ys), len(xs)), np.nan)
-        for r in done:
-            grid[ys.index(dict(r.key)[a]), xs.index(dict(r.key)[b])] = 100 * r.mean("test_acc")
-        fig, ax = plt.subplots(figsize=(1.1 * len(xs) + 3, 0.8 * len(ys) + 2))
-        im = ax.imshow(grid, cmap="viridis")
-        ax.set_xticks(range(len(xs)), xs, rotation=45, ha="right"), ax.set_yticks(range(len(ys)), ys)
-        ax.set_xlabel(b.split("/")[-1]), ax.set_ylabel(a.split("/")[-1])
-        for (i, j), v in np.ndenumerate(grid):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w" if v < np.nanmean(grid) else "k",
-                        fontsize=8)
-        fig.colorbar(im, ax=ax, label="test accuracy % (mean over seeds)")
-    else:
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(done) + 2), 4.5))
-        ax.bar(range(len(done)), [100 * r.mean("test_acc") for r in done],
-               yerr=[100 * np.nan_to_num(r.std("test_acc")) for r in done], capsize=3,
-               color=["tab:orange" if r is baseline else "tab:blue" for r in done])
-        ax.set_xticks(range(len(done)), [r.label() for r in done], rotation=45, ha="right")
-        ax.set_ylabel("test accuracy % (mean ± std over seeds)")
-    ax.set_title(path.parent.name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        levels = list(dict.fromkeys(dict(r.key)[axis] for r in in_grid_order))
+        out[axis] = []
+        for level in levels:
+            cells = [r.per_seed("test_acc") for r in rows if dict(r.key)[axis] == level]
+            seeds = sorted({s for c in cells for s in c})
+            means = [statistics.fmean(c[s] for c in cells if s in c) for s in seeds]
+            low, high = stats.mean_interval(means)
+            out[axis].append((level, statistics.fmean(means) if means else math.nan, low, high, len(means)))
+    return out
 
 
-def markdown(sweep: Path, rows: list[Row], header: list[str], body: list[list[str]]) -> str:
+def markdown(sweep: Path, rows: list[Row], summary: list[dict], baseline: Row | None) -> str:
+    header, body = table(summary)
     jobs = [j for r in rows for j in r.jobs]
     sources = sorted({j.metrics["data_source"] for j in jobs if j.metrics})
     epochs = sorted({j.metrics["epochs"] for j in jobs if j.metrics})
@@ -241,66 +171,74 @@ def markdown(sweep: Path, rows: list[Row], header: list[str], body: list[list[st
         f"- data: {', '.join(f'`{s}`' for s in sources) or '—'}; epochs: {', '.join(map(str, epochs)) or '—'}",
         f"- jobs: {len(jobs)} ({sum(1 for j in jobs if j.metrics)} finished, "
         f"{sum(1 for j in jobs if not j.metrics)} failed or unfinished); rows sorted by mean test accuracy",
-        f"- test accuracy is that of each job's {tested_checkpoints(jobs)}; ± is the standard deviation over seeds",
+        f"- test accuracy is that of each job's {tested_checkpoints(jobs)}",
         "",
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
         *("| " + " | ".join(row) + " |" for row in body),
+        "",
+        *explanation(summary, baseline),
     ]
+    if len(axes(rows)) == 2:
+        lines += ["", "## Main effects", "",
+                  "Each level's mean over the other factor's levels (per seed, then over seeds), with its 95 % "
+                  "interval.",
+                  ""]
+        for axis, levels in main_effects(rows).items():
+            lines += [f"| {short(axis)} | test acc % [95% CI] | seeds |", "| --- | ---: | ---: |"]
+            lines += [f"| {level} | {_interval(m, lo, hi)} | {n} |" for level, m, lo, hi, n in levels]
+            lines += [""]
     failed = [j for j in jobs if not j.metrics]
     if failed:
         lines += ["", "## Failed or unfinished jobs", ""]
         lines += [f"- `{j.folder.name}`: {j.error}" for j in failed]
     lines += ["", "![accuracy per configuration](report.png)", ""]
+    if len(axes(rows)) == 2:
+        lines += ["![the grid](heatmap.png)", ""]
     return "\n".join(lines)
 
 
-def write_tensorboard(sweep: Path, text: str, png: Path) -> None:
-    from PIL import Image
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(sweep / "report")) as writer:
-        writer.add_text("sweep/report", text)
-        writer.add_image("sweep/accuracy", np.asarray(Image.open(png).convert("RGB")), dataformats="HWC")
-
-
-def report(sweep: Path) -> tuple[list[str], list[list[str]]]:
-    """Write report.md, report.csv, report.png and the TensorBoard run; return the table (header, rows)."""
+def report(sweep: Path, baseline_label: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Write report.md, report.csv, the plots and the TensorBoard run; return the table (header, rows)."""
     rows = collect(sweep)
-    summary = summarize(rows)
-    header, body = table(summary)
-    text = markdown(sweep, rows, header, body)
+    baseline = baseline_row(rows, baseline_label)
+    summary = summarize(rows, baseline)
+    text = markdown(sweep, rows, summary, baseline)
     (sweep / "report.md").write_text(text)
     with open(sweep / "report.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(summary)
-    plot(rows, sweep / "report.png")
-    write_tensorboard(sweep, text, sweep / "report.png")
-    return header, body
+        writer.writerows(map(csv_row, summary))
+    plots = [report_plot.seeds(rows, summary, sweep / "report.png")]
+    if len(axes(rows)) == 2:
+        plots.append(report_plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
+    report_board.write(sweep, rows, text, plots)
+    return table(summary)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", type=Path, nargs="?", help="the folder a -m run printed (default: the newest one under "
                    "outputs/multirun/)")
+    p.add_argument("--baseline", metavar="CONFIGURATION", help="the row every other is compared with, as the "
+                   "report names it (e.g. \"pool=avg\"); default: the documented model, or ablate=none")
     args = p.parse_args()
     args.sweep = args.sweep or latest("multirun/*/*")
     if args.sweep is None:
         raise SystemExit("error: no sweep folder under outputs/multirun/; give the folder a -m run printed")
     if not args.sweep.is_dir():
         raise SystemExit(f"error: {args.sweep}: no such folder")
-    header, body = report(args.sweep)
+    header, body = report(args.sweep, args.baseline)
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{args.sweep}  (test accuracy of the checkpoint each job tested, % over seeds)")
+    t = Table(title=f"{args.sweep}  (test accuracy of the checkpoint each job tested, %; explained in report.md)")
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i == 0 else "right")
     for row in body:
         t.add_row(*row)
-    Console(width=None if sys.stdout.isatty() else 160).print(t)
-    print(f"wrote {args.sweep / 'report.md'}, report.csv, report.png and a TensorBoard run in {args.sweep / 'report'}")
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    print(f"wrote {args.sweep / 'report.md'}, report.csv, the plots and a TensorBoard run in {args.sweep / 'report'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""cifarlab-report on sweep folders whose numbers are known: two factors with a better, a worse and an
+indistinguishable cell; one seed per row; rows that do not share their seeds; another baseline. (The report of a
+real sweep, TensorBoard bands included, is tested in test_sweeps.py.)"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+
+import pytest
+from PIL import Image
+
+from cifarlab import report, stats
+
+SEEDS = range(7)  # 2 / 2^7 = 0.016: a constant shift stays below 5 % after Holm over three rows
+NOISE = [0.31, -0.12, 0.05, -0.27, 0.18, -0.02, 0.09]
+BASE = {s: 60.0 + n for s, n in zip(SEEDS, NOISE)}
+
+
+def job(sweep, number: int, overrides: dict[str, str], seed: int, acc: float) -> None:
+    """A finished job folder as cifarlab-train leaves it, reduced to what the report reads."""
+    choices = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
+    choices |= {k.split("/")[-1]: v for k, v in overrides.items()}
+    folder = sweep / f"{number:03d}_{choices['pool']}-{choices['activation']}-none-none_s{seed}"
+    (folder / ".hydra").mkdir(parents=True)
+    listed = [f"{k}={v}" for k, v in overrides.items()] + [f"seed={seed}"]
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in listed))
+    (folder / "metrics.json").write_text(json.dumps({
+        "test_acc": acc / 100, "best_val_acc": acc / 100 + 0.01, "params": 145_578, "epoch_s": 30.0, "seed": seed,
+        "epochs": 10, "data_source": "made-up", "tested_checkpoint": "best", "choices": choices,
+        "overrides": listed}))
+
+
+def grid(sweep, cells: dict[tuple[str, str], dict[int, float]]) -> None:
+    number = 0
+    for (pool, activation), accs in cells.items():
+        for seed, acc in accs.items():
+            job(sweep, number, {"model/pool": pool, "model/activation": activation}, seed, acc)
+            number += 1
+
+
+def read_csv(sweep) -> dict[str, dict[str, str]]:
+    return {r["configuration"]: r for r in csv.DictReader(open(sweep / "report.csv"))}
+
+
+@pytest.fixture
+def two_factors(tmp_path):
+    cells = {
+        ("max", "none"): BASE,                                   # the documented model
+        ("max", "relu"): {s: v - 1.0 for s, v in BASE.items()},  # one point worse on every seed
+        ("avg", "none"): {s: v + 1.0 for s, v in BASE.items()},  # one point better on every seed
+        ("avg", "relu"): {s: v + (-0.2 if s % 2 else 0.2) for s, v in BASE.items()},  # up on 4 seeds, down on 3
+    }
+    grid(tmp_path, cells)
+    return tmp_path, cells
+
+
+def test_a_two_factor_grid_gets_verdicts_main_effects_and_a_marked_heatmap(two_factors):
+    sweep, cells = two_factors
+    report.report(sweep)
+    rows = read_csv(sweep)
+    assert list(rows) == ["pool=avg activation=none", "pool=avg activation=relu", "pool=max activation=none",
+                          "pool=max activation=relu"]  # best first
+    better, even, base, worse = rows.values()
+    assert base["verdict"] == "baseline" and base["p_value"] == "" and base["delta"] == ""
+    assert (better["verdict"], worse["verdict"], even["verdict"]) == ("better", "worse", "not distinguishable")
+    for row, shift in ((better, 1.0), (worse, -1.0)):
+        assert float(row["delta"]) == pytest.approx(shift) and row["paired"] == "True"
+        assert float(row["p_value"]) == pytest.approx(2 / 2 ** 7, abs=1e-4)
+        assert float(row["p_holm"]) == pytest.approx(3 * 2 / 2 ** 7, abs=1e-4)  # the two smallest of three
+    assert float(even["p_holm"]) >= float(even["p_value"]) > 0.05
+    assert int(even["seeds_needed"]) > len(SEEDS)  # detecting its small Δ needs more seeds than it has
+    assert better["seeds_needed"] == worse["seeds_needed"] == ""  # already detected
+    for row in rows.values():
+        mean, low, high = (float(row[k]) for k in ("test_acc_mean", "ci95_low", "ci95_high"))
+        assert low < mean < high
+        assert mean == pytest.approx(statistics.fmean(cells[tuple(
+            c.split("=")[1] for c in row["configuration"].split())].values()), abs=1e-4)
+    text = (sweep / "report.md").read_text()
+    assert "| pool=avg activation=none | " in text and "| better |" in text and "| worse |" in text
+    assert "Holm-corrected over the 3 rows compared" in text
+    # main effects: pool=max averages (base, base - 1) seed by seed, so its mean is the base's minus 0.5
+    pool_max = statistics.fmean(BASE.values()) - 0.5
+    assert f"| max | {pool_max:.2f} [" in text.split("## Main effects")[1]
+    assert f"| none | {statistics.fmean(BASE.values()) + 0.5:.2f} [" in text.split("| activation |")[1]
+    assert Image.open(sweep / "heatmap.png").size[0] > 300 and Image.open(sweep / "report.png").size[0] > 300
+    assert "![the grid](heatmap.png)" in text
+    report.report(sweep)  # again, after more jobs finished: the TensorBoard run is made anew, not appended to
+    assert len(list((sweep / "report").glob("events.out.tfevents.*"))) == 1
+
+
+def test_one_seed_per_row_says_no_test_is_possible_and_how_to_add_seeds(tmp_path):
+    grid(tmp_path, {("max", "none"): {0: 60.0}, ("avg", "none"): {0: 61.0}})
+    report.report(tmp_path)
+    rows = read_csv(tmp_path)
+    assert rows["pool=avg"]["verdict"] == rows["pool=avg"]["p_value"] == rows["pool=avg"]["ci95_low"] == ""
+    assert float(rows["pool=avg"]["test_acc_mean"]) == pytest.approx(61.0)
+    assert float(rows["pool=avg"]["delta"]) == pytest.approx(1.0)  # the difference, untested
+    text = (tmp_path / "report.md").read_text()
+    assert "One seed per configuration: no test is possible" in text and "`seed=0,1,2,3,4`" in text
+    assert "| 61.00 |" in text  # the mean alone, no interval pretending to be one
+
+
+def test_rows_that_do_not_share_seeds_are_compared_unpaired(tmp_path):
+    grid(tmp_path, {("max", "none"): {s: BASE[s] for s in (0, 1, 2, 3)},
+                    ("avg", "none"): {s: BASE[s] + 2 for s in (2, 3, 4, 5)}})
+    report.report(tmp_path)
+    row = read_csv(tmp_path)["pool=avg"]
+    assert row["paired"] == "False"
+    expected = stats.compare({s: BASE[s] + 2 for s in (2, 3, 4, 5)}, {s: BASE[s] for s in (0, 1, 2, 3)})
+    assert float(row["delta"]) == pytest.approx(expected.delta, abs=1e-4)
+    assert float(row["p_value"]) == pytest.approx(expected.p, abs=1e-4) and 0 < expected.p <= 1
+    assert "(unpaired)" in (tmp_path / "report.md").read_text()
+
+
+def test_another_row_can_be_the_baseline_and_a_wrong_name_is_refused_with_the_rows(two_factors, monkeypatch, capsys):
+    sweep, _ = two_factors
+    monkeypatch.setattr(sys, "argv", ["cifarlab-report", str(sweep), "--baseline", "pool=avg activation=none"])
+    report.main()
+    rows = read_csv(sweep)
+    assert rows["pool=avg activation=none"]["verdict"] == "baseline"
+    assert rows["pool=max activation=none"]["verdict"] == "worse"
+    assert float(rows["pool=max activation=none"]["delta"]) == pytest.approx(-1.0)
+    assert "(--baseline)" in (sweep / "report.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["cifarlab-report", str(sweep), "--baseline", "pool=lp"])
+    with pytest.raises(SystemExit) as refused:
+        report.main()
+    assert str(refused.value) == ("error: --baseline 'pool=lp': no such row; the rows are (best first): "
+                                  "'pool=avg activation=none', 'pool=avg activation=relu', 'pool=max activation=none', "
+                                  "'pool=max activation=relu'")
+
+
+def test_a_grid_without_the_documented_model_says_how_to_pick_a_baseline(tmp_path):
+    grid(tmp_path, {("avg", "none"): BASE, ("lp", "none"): BASE})
+    report.report(tmp_path)
+    assert all(r["verdict"] == "" for r in read_csv(tmp_path).values())
+    assert "--baseline \"<configuration>\"" in (tmp_path / "report.md").read_text()
+
+
+def test_a_baseline_left_with_one_seed_says_why_nothing_is_tested(tmp_path):
+    grid(tmp_path, {("max", "none"): {0: 60.0}, ("avg", "none"): {s: BASE[s] for s in (0, 1, 2)}})
+    report.report(tmp_path)
+    assert read_csv(tmp_path)["pool=avg"]["verdict"] == ""
+    assert float(read_csv(tmp_path)["pool=avg"]["ci95_low"]) < float(read_csv(tmp_path)["pool=avg"]["test_acc_mean"])
+    assert "The baseline has 1 finished seed(s), or no other row has two: no test is possible" in (
+        tmp_path / "report.md").read_text()
