@@ -12,7 +12,8 @@ import sys
 import pytest
 from PIL import Image
 
-from cifarlab import report, stats
+from cifarlab import report, report_plot, stats
+from cifarlab.sweep_results import baseline_row, collect
 
 SEEDS = range(7)  # 2 / 2^7 = 0.016: a constant shift stays below 5 % after Holm over three rows
 NOISE = [0.31, -0.12, 0.05, -0.27, 0.18, -0.02, 0.09]
@@ -86,9 +87,15 @@ def test_a_two_factor_grid_gets_verdicts_main_effects_and_a_marked_heatmap(two_f
     assert f"| max | {pool_max:.2f} [" in text.split("## Main effects")[1]
     assert f"| none | {statistics.fmean(BASE.values()) + 0.5:.2f} [" in text.split("| activation |")[1]
     assert Image.open(sweep / "heatmap.png").size[0] > 300 and Image.open(sweep / "report.png").size[0] > 300
+    rows_ = collect(sweep)
+    ys, xs, grid, marks = report_plot.cells(rows_, report.summarize(rows_, baseline_row(rows_)),
+                                            ["model/pool", "model/activation"])
+    assert (ys, xs) == (["max", "avg"], ["none", "relu"])  # the grid's order, not the ranking
+    assert marks == {(0, 0): "base", (0, 1): "▼", (1, 0): "▲", (1, 1): ""}
+    assert grid[1, 0] == pytest.approx(statistics.fmean(cells[("avg", "none")].values()))
     assert "![the grid](heatmap.png)" in text
-    report.report(sweep)  # again, after more jobs finished: the TensorBoard run is made anew, not appended to
-    assert len(list((sweep / "report").glob("events.out.tfevents.*"))) == 1
+    report.report(sweep)  # again: the TensorBoard runs are made anew, not appended to (no band drawn twice)
+    assert len(list((sweep / "report").glob("**/events.out.tfevents.*"))) == 1  # no job has event files here
 
 
 def test_one_seed_per_row_says_no_test_is_possible_and_how_to_add_seeds(tmp_path):
@@ -146,3 +153,46 @@ def test_a_baseline_left_with_one_seed_says_why_nothing_is_tested(tmp_path):
     assert float(read_csv(tmp_path)["pool=avg"]["ci95_low"]) < float(read_csv(tmp_path)["pool=avg"]["test_acc_mean"])
     assert "The baseline has 1 finished seed(s), or no other row has two: no test is possible" in (
         tmp_path / "report.md").read_text()
+
+
+def test_a_failed_job_neither_tilts_a_main_effect_nor_hides_the_baseline(tmp_path):
+    cells = {("max", "none"): BASE, ("max", "relu"): {s: BASE[s] - 5 for s in (0, 1, 2, 3)},  # seeds 4-6 failed
+             ("avg", "none"): BASE, ("avg", "relu"): BASE}
+    grid(tmp_path, cells)
+    effects = dict(report.main_effects(collect(tmp_path)))["model/pool"]
+    level, mean, low, high, seeds, ran = effects[0]
+    assert (level, seeds, ran) == ("max", 4, "2 of 2")  # the seeds both cells have
+    assert mean == pytest.approx(statistics.fmean(BASE[s] - 2.5 for s in (0, 1, 2, 3)))
+
+
+def test_a_baseline_whose_jobs_all_failed_is_still_the_baseline(tmp_path):
+    grid(tmp_path, {("avg", "none"): BASE})
+    for seed in (0, 1):  # the documented model, failed: no metrics.json, the choices only in Hydra's own record
+        folder = tmp_path / f"{90 + seed:03d}_max-none-none-none_s{seed}"
+        (folder / ".hydra").mkdir(parents=True)
+        overrides = f"- model/pool=max\n- model/activation=none\n- seed={seed}\n"
+        (folder / ".hydra" / "overrides.yaml").write_text(overrides)
+        (folder / ".hydra" / "hydra.yaml").write_text("hydra:\n  runtime:\n    choices:\n      model/pool: max\n"
+                                                     "      model/activation: none\n      model/norm: none\n"
+                                                     "      model/dropout: none\n")
+        (folder / "failed.json").write_text(json.dumps({"error": "it broke"}))
+    report.report(tmp_path)
+    rows = read_csv(tmp_path)
+    assert rows["pool=max"]["verdict"] == "baseline" and rows["pool=max"]["failed"] == "2"
+    assert "The baseline has 0 finished seed(s)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_seed_run_twice_counts_once_and_a_diverged_value_is_left_out(tmp_path):
+    grid(tmp_path, {("max", "none"): BASE, ("avg", "none"): BASE})
+    job(tmp_path, 50, {"model/pool": "avg", "model/activation": "none"}, 0, BASE[0] + 3)  # seed 0 again, later
+    job(tmp_path, 51, {"model/pool": "avg", "model/activation": "none"}, 99, float("nan"))
+    report.report(tmp_path)
+    row = read_csv(tmp_path)["pool=avg"]
+    assert row["seeds"] == str(len(SEEDS)) and row["paired"] == "True"
+    assert float(row["delta"]) == pytest.approx(3 / len(SEEDS), abs=1e-4)  # the later run of seed 0 counts
+
+
+def test_many_seeds_are_tested_in_a_second_with_sampled_sign_patterns(tmp_path):
+    base = {s: 60 + 0.3 * ((s * 7) % 5) for s in range(24)}
+    d = stats.compare({s: v + 0.1 for s, v in base.items()}, base)
+    assert d.paired and 0 < d.p <= 2 / (stats.PERMUTATIONS + 1)  # sampled: never 0, at its floor here

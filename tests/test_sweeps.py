@@ -145,7 +145,7 @@ def test_report_compares_each_row_with_the_baseline_paired_by_seed(small_sweep):
     assert "(documented model)" in text and "## Failed or unfinished jobs" in text and "kernel_size=40" in text
     assert "`synthetic`" in text  # the data is named next to the numbers
     assert "test accuracy is that of each job's best-validation checkpoint" in text  # test_checkpoint's default
-    assert "exact two-sided sign-flip test" in text and "## Main effects" in text  # a two-factor grid
+    assert "two-sided sign-flip test" in text and "## Main effects" in text  # a two-factor grid
     assert Image.open(sweep / "report.png").size[0] > 300 and Image.open(sweep / "heatmap.png").size[0] > 300
     assert "not distinguishable" in result.stdout  # the table, printed
 

@@ -59,7 +59,7 @@ def summarize(rows: list[Row], baseline: Row | None) -> list[dict]:
             "best_val_acc_mean": 100 * r.mean("best_val_acc"), "best_val_acc_std": 100 * r.std("best_val_acc"),
             "params": int(params[0]) if params else None,
             "epoch_s": r.mean("epoch_s"),
-            "seeds": r.done,
+            "seeds": len(accs),
             "failed": len(r.failed),
         }
         if s["verdict"] == "not distinguishable":  # at the level the strictest Holm step asks of one row
@@ -69,9 +69,14 @@ def summarize(rows: list[Row], baseline: Row | None) -> list[dict]:
 
 
 def csv_row(s: dict) -> dict:
-    """Numbers rounded to what they mean (4 decimals of a percent), and an empty cell where there is none."""
-    return {k: "" if isinstance(v, float) and math.isnan(v) else round(v, 4) if isinstance(v, float) else
-            "" if v is None else v for k, v in s.items()}
+    """Percentages to 4 decimals, p values to 4 significant digits, an empty cell where there is no number."""
+    def cell(key: str, v):
+        if v is None or isinstance(v, float) and math.isnan(v):
+            return ""
+        if isinstance(v, float) and math.isfinite(v):
+            return float(f"{v:.4g}") if key.startswith("p_") else round(v, 4) + 0.0  # + 0.0: no "-0.0"
+        return v  # inf (seeds needed: never), ints, strings
+    return {k: cell(k, v) for k, v in s.items()}
 
 
 def _num(x: float, fmt: str = ".2f") -> str:
@@ -91,8 +96,13 @@ def _p(x: float) -> str:
     return "—" if math.isnan(x) else "<0.001" if x < 0.001 else f"{x:.3f}"
 
 
-def _seeds(x: float) -> str:
-    return "" if math.isnan(x) else f">{stats.MAX_SEEDS}" if math.isinf(x) else str(int(x))
+def _seeds(s: dict) -> str:
+    x = s["seeds_needed"]
+    if math.isnan(x):
+        return ""
+    if math.isinf(x):
+        return "no difference" if s["delta"] == 0 else f">{stats.MAX_SEEDS}"
+    return str(int(x))
 
 
 def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -109,7 +119,7 @@ def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
             delta + ("" if s["paired"] is not False else " (unpaired)"),
             _p(s["p_holm"]),
             s["verdict"] if not s["baseline"] else "",
-            _seeds(s["seeds_needed"]),
+            _seeds(s),
             *([_num(s["test_acc_no_tta_mean"])] if tta else []),
             _num(s["best_val_acc_mean"]),
             f"{s['params']:,}" if s["params"] is not None else "—",
@@ -122,40 +132,46 @@ def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def explanation(summary: list[dict], baseline: Row | None) -> list[str]:
     """The three lines under the table: what the columns mean, or why they are empty."""
-    if baseline is None:
-        return ["No baseline row (the documented model, or `ablate=none`) in this grid: pick one with "
-                "`cifarlab-report <sweep> --baseline \"<configuration>\"` for Δ, p and verdicts."]
     more_seeds = "Run the same grid with more seeds (`seed=0,1,2,3,4` on the command line) to get intervals, p values "
     if max(s["seeds"] for s in summary) < 2:
         return [f"One seed per configuration: no test is possible. {more_seeds}and verdicts."]
+    if baseline is None:
+        return ["No baseline row (the documented model, or `ablate=none`) in this grid: pick one with "
+                "`cifarlab-report <sweep> --baseline \"<configuration>\"` for Δ, p and verdicts."]
     tested = sum(1 for s in summary if not math.isnan(s["p_value"]))
     if tested == 0:
-        return [f"The baseline has {len(baseline.per_seed('test_acc'))} finished seed(s), or no other row has two: "
-                f"no test is possible. {more_seeds}and verdicts."]
+        return [f"The baseline has {baseline.done} finished seed(s), or no other row has two: no test is possible. "
+                f"{more_seeds}and verdicts."]
+    rows = f"{tested} row{'s' if tested > 1 else ''}"
     return [
         "- Accuracies in percent. Interval: 95% t-interval of the mean over seeds. Δ: row − baseline in points, "
         "paired by seed where both rows ran the same seeds (else Welch, marked unpaired), with its 95% t-interval.",
-        f"- p: exact two-sided sign-flip test of the paired differences (a label permutation test when unpaired), "
-        f"Holm-corrected over the {tested} rows compared; verdict: better or worse where that p < {stats.ALPHA}.",
+        f"- p: two-sided sign-flip test of the paired differences (label permutations when unpaired), exact up to "
+        f"{stats.PERMUTATIONS:,} patterns, Holm-corrected over the {rows} compared; verdict: better or worse where that "
+        f"p < {stats.ALPHA}. n paired seeds cannot give p below 2/2^n (0.0625 for 5), so a Δ whose interval excludes "
+        "0 can still be not distinguishable.",
         f"- Seeds needed (rows not distinguishable): seeds per row for {stats.POWER:.0%} power to detect the observed "
-        f"Δ at the observed spread (t-test power at {stats.ALPHA}/{tested}); n seeds cannot give p below 2/2^n.",
+        f"Δ at the observed spread (t-test power at {stats.ALPHA}/{tested}, and enough seeds for the exact test to "
+        "reach that level).",
     ]
 
 
-def main_effects(rows: list[Row]) -> dict[str, list[tuple[str, float, float, float, int]]]:
-    """Two-factor grids: for each factor, each level's mean over the other factor's levels, per seed, then the mean
-    and 95% interval of those per-seed means: [(level, mean, low, high, seeds)] in the grid's order."""
+def main_effects(rows: list[Row]) -> dict[str, list[tuple[str, float, float, float, int, str]]]:
+    """Two-factor grids: for each factor, each level's mean over the other factor's levels, seed by seed (over the
+    seeds every cell that ran has, so a failed job does not tilt a level), then the mean and 95% interval of those
+    per-seed means: [(level, mean, low, high, seeds, "cells that ran of all")] in the grid's order."""
     out = {}
+    in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
     for axis in axes(rows):
-        in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
-        levels = list(dict.fromkeys(dict(r.key)[axis] for r in in_grid_order))
         out[axis] = []
-        for level in levels:
+        for level in dict.fromkeys(dict(r.key)[axis] for r in in_grid_order):
             cells = [r.per_seed("test_acc") for r in rows if dict(r.key)[axis] == level]
-            seeds = sorted({s for c in cells for s in c})
-            means = [statistics.fmean(c[s] for c in cells if s in c) for s in seeds]
+            ran = [c for c in cells if c]
+            seeds = sorted(set.intersection(*(set(c) for c in ran))) if ran else []
+            means = [statistics.fmean(c[s] for c in ran) for s in seeds]
             low, high = stats.mean_interval(means)
-            out[axis].append((level, statistics.fmean(means) if means else math.nan, low, high, len(means)))
+            out[axis].append((level, statistics.fmean(means) if means else math.nan, low, high, len(means),
+                              f"{len(ran)} of {len(cells)}"))
     return out
 
 
@@ -181,12 +197,12 @@ def markdown(sweep: Path, rows: list[Row], summary: list[dict], baseline: Row | 
     ]
     if len(axes(rows)) == 2:
         lines += ["", "## Main effects", "",
-                  "Each level's mean over the other factor's levels (per seed, then over seeds), with its 95 % "
-                  "interval.",
+                  "Each level's mean over the other factor's levels that ran, seed by seed (the seeds they all have), "
+                  "then over seeds, with its 95 % interval.",
                   ""]
         for axis, levels in main_effects(rows).items():
-            lines += [f"| {short(axis)} | test acc % [95% CI] | seeds |", "| --- | ---: | ---: |"]
-            lines += [f"| {level} | {_interval(m, lo, hi)} | {n} |" for level, m, lo, hi, n in levels]
+            lines += [f"| {short(axis)} | test acc % [95% CI] | seeds | cells that ran |", "| --- | ---: | ---: | ---: |"]
+            lines += [f"| {level} | {_interval(m, lo, hi)} | {n} | {cells} |" for level, m, lo, hi, n, cells in levels]
             lines += [""]
     failed = [j for j in jobs if not j.metrics]
     if failed:

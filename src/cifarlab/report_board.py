@@ -33,13 +33,15 @@ def history(job: Job) -> dict[str, dict[int, tuple[int, float]]]:
     events = EventAccumulator(str(job.folder), size_guidance=ONLY_SCALARS)
     events.Reload()
     tags = events.Tags()["scalars"]
-    epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
+    epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else None
     out = {}
     for metric in METRICS:
         if metric in tags:
-            points = {e.step: e.value for e in events.Scalars(metric)}  # a step logged twice: the last one counts
-            in_order = enumerate(sorted(points.items()))
-            out[metric] = {epoch_at.get(step, i): (step, value) for i, (step, value) in in_order}
+            points = sorted({e.step: e.value for e in events.Scalars(metric)}.items())  # a step logged twice: the last
+            if epoch_at is None:  # no epoch scalar (not Lightning's logger): the n-th validation is epoch n
+                out[metric] = {i: point for i, point in enumerate(points)}
+            else:
+                out[metric] = {epoch_at[step]: (step, value) for step, value in points if step in epoch_at}
     return out
 
 
@@ -59,7 +61,7 @@ def write_bands(report_dir: Path, rows: list[Row]) -> set[str]:
     drawn = set()
     for row in rows:
         per_metric = defaultdict(lambda: defaultdict(list))  # metric -> epoch -> [(step, value) per seed]
-        for job in (j for j in row.jobs if j.metrics):
+        for job in row.finished:
             for metric, points in history(job).items():
                 for epoch, point in points.items():
                     per_metric[metric][epoch].append(point)

@@ -50,9 +50,8 @@ def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
     return path
 
 
-def heatmap(rows: list[Row], summary: list[dict], grid_axes: list[str], path: Path) -> Path:
-    """Mean test accuracy per cell of a two-factor grid; ▲/▼ where the cell is better/worse than the baseline cell
-    at the corrected level, `base` on the baseline cell."""
+def cells(rows: list[Row], summary: list[dict], grid_axes: list[str]) -> tuple[list, list, np.ndarray, dict]:
+    """The heatmap's content: its row and column levels in grid order, the mean per cell, the mark per cell."""
     a, b = grid_axes
     in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
     xs = list(dict.fromkeys(dict(r.key)[b] for r in in_grid_order))
@@ -64,6 +63,14 @@ def heatmap(rows: list[Row], summary: list[dict], grid_axes: list[str], path: Pa
         if r.done:
             grid[cell] = s["test_acc_mean"]
         marks[cell] = MARKS.get(s["verdict"], "")
+    return ys, xs, grid, marks
+
+
+def heatmap(rows: list[Row], summary: list[dict], grid_axes: list[str], path: Path) -> Path:
+    """Mean test accuracy per cell of a two-factor grid; ▲/▼ where the cell is better/worse than the baseline cell
+    at the corrected level, `base` on the baseline cell."""
+    a, b = grid_axes
+    ys, xs, grid, marks = cells(rows, summary, grid_axes)
     fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.8 * len(ys) + 2))
     im = ax.imshow(grid, cmap="viridis")
     ax.set_xticks(range(len(xs)), xs, rotation=45, ha="right"), ax.set_yticks(range(len(ys)), ys)

@@ -6,7 +6,8 @@ Pure numbers (scipy): report.py feeds it accuracies per seed. The choices, in on
 - Δ is paired by seed where both rows ran the same seeds (same seed = same split, init and batch order, so the
   pairing removes what the two rows share), Welch's unpaired difference otherwise;
 - p is exact where it can be: a sign-flip test of the paired differences (2^n sign patterns), a label permutation
-  test of the unpaired ones; both free of any normality assumption;
+  test of the unpaired ones, both free of any normality assumption; past PERMUTATIONS patterns (17 paired seeds, 10
+  a row unpaired) they are sampled, seeded, and their floor is far below any level that matters;
 - seeds needed: a t-test's power (noncentral t) at the observed Δ and spread, and never fewer seeds than the
   permutation test needs to reach the level at all (2 / 2^n for n paired seeds).
 """
@@ -72,8 +73,8 @@ def compare(row: dict[int, float], baseline: dict[int, float]) -> Difference | N
         seeds = sorted(row)
         d = np.array([row[s] - baseline[s] for s in seeds])
         low, high = mean_interval(d)
-        p = stats.permutation_test((d,), _mean, permutation_type="samples", n_resamples=np.inf,
-                                   vectorized=True).pvalue
+        p = stats.permutation_test((d,), _mean, permutation_type="samples", n_resamples=PERMUTATIONS,
+                                   vectorized=True, rng=0).pvalue
         return Difference(float(d.mean()), low, high, float(p), True, len(d), float(np.std(d, ddof=1)))
     x, y = np.array(list(row.values())), np.array(list(baseline.values()))
     delta = float(x.mean() - y.mean())

@@ -27,6 +27,7 @@ class Job:
     seed: int | None
     metrics: dict | None = None
     error: str | None = None
+    choices: dict[str, str] = field(default_factory=dict)  # pool, activation, norm, dropout
 
 
 @dataclass
@@ -34,12 +35,21 @@ class Row:
     key: tuple[tuple[str, str], ...]
     jobs: list[Job] = field(default_factory=list)
 
+    @property
+    def finished(self) -> list[Job]:
+        """One finished job a seed: a seed run twice (the same configuration in two jobs) counts once, the later."""
+        by_seed = {j.seed if j.seed is not None else j.folder.name: j for j in self.jobs if j.metrics}
+        return list(by_seed.values())
+
     def values(self, name: str) -> list[float]:
-        return [j.metrics[name] for j in self.jobs if j.metrics and j.metrics.get(name) is not None]
+        """A metric of the finished jobs, a diverged (non-finite) value left out."""
+        values = (j.metrics.get(name) for j in self.finished)
+        return [v for v in values if v is not None and math.isfinite(v)]
 
     def per_seed(self, name: str) -> dict[int, float]:
-        """{seed: percent} of a finished job's accuracy; a seed run twice (a retried job) counts once."""
-        return {j.seed: 100 * j.metrics[name] for j in self.jobs if j.metrics and j.metrics.get(name) is not None}
+        """{seed: percent} of the finished jobs' accuracy; a non-finite value (a diverged metric) is left out."""
+        values = {j.seed: j.metrics.get(name) for j in self.finished}
+        return {s: 100 * v for s, v in values.items() if v is not None and math.isfinite(v)}
 
     def mean(self, name: str) -> float:
         v = self.values(name)
@@ -51,14 +61,14 @@ class Row:
 
     @property
     def done(self) -> int:
-        return sum(1 for j in self.jobs if j.metrics)
+        return len(self.finished)
 
     @property
     def failed(self) -> list[Job]:
         return [j for j in self.jobs if not j.metrics]
 
     def is_documented_model(self) -> bool:
-        choices = next((j.metrics["choices"] for j in self.jobs if j.metrics), None)
+        choices = next((j.choices for j in self.jobs if j.choices), None)
         return choices is not None and all(choices.get(k) == v for k, v in BASELINE.items())
 
     def label(self) -> str:
@@ -96,7 +106,16 @@ def read_job(folder: Path) -> Job | None:
     error = None
     if metrics is None:
         error = json.loads((folder / FAILED).read_text())["error"] if (folder / FAILED).exists() else "did not finish"
-    return Job(folder, key, seed, metrics, error)
+    return Job(folder, key, seed, metrics, error, metrics["choices"] if metrics else choices_of(folder))
+
+
+def choices_of(folder: Path) -> dict[str, str]:
+    """The layer choices of a job that did not finish, from the Hydra config it started with."""
+    path = folder / ".hydra" / "hydra.yaml"
+    if not path.exists():
+        return {}
+    choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices)
+    return {k.removeprefix("model/"): v for k, v in choices.items() if k.startswith("model/")}
 
 
 def tested_checkpoints(jobs: list[Job]) -> str:
@@ -113,12 +132,13 @@ def collect(sweep: Path) -> list[Row]:
     jobs = [j for f in sorted(sweep.iterdir(), key=job_number) if f.is_dir() and (j := read_job(f))]
     if not jobs:
         raise SystemExit(f"error: {sweep}: no job folders (folders holding .hydra/) found")
-    # Keep only the overrides that differ between jobs: those are the grid's axes.
-    keys = {k for j in jobs for k, _ in j.key}
-    varying = {k for k in keys if len({dict(j.key).get(k) for j in jobs}) > 1}
+    # Keep only the overrides that differ between jobs: those are the grid's axes, in the order the grid names them;
+    # a job that did not set one (run by hand into the folder) holds the config's default there.
+    keys = dict.fromkeys(k for j in jobs for k, _ in j.key)
+    varying = [k for k in keys if len({dict(j.key).get(k) for j in jobs}) > 1]
     rows: dict[tuple, Row] = {}
     for j in jobs:
-        j.key = tuple((k, v) for k, v in j.key if k in varying)
+        j.key = tuple((k, dict(j.key).get(k, "(default)")) for k in varying)
         rows.setdefault(j.key, Row(j.key)).jobs.append(j)
     return sorted(rows.values(), key=lambda r: (-r.mean("test_acc") if r.done else math.inf, r.label()))
 
