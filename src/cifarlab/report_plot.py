@@ -23,7 +23,7 @@ def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
     """One line per configuration, best at the top: a dot per seed, the mean with its 95% interval, and the
     baseline's interval as a band across the plot."""
     shown = [(r, s) for r, s in zip(rows, summary) if r.done][::-1]  # rows come best first; the plot draws upwards
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(len(shown), 1)))
+    fig, ax = plt.subplots(figsize=(11, 1.3 + 0.45 * max(len(shown), 1)))
     for y, (r, s) in enumerate(shown):
         colour = COLOURS.get(s["verdict"], "tab:gray")
         accs = list(r.per_seed("test_acc").values())
@@ -40,8 +40,7 @@ def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
             ax.axvline(s["test_acc_mean"], color=COLOURS["baseline"], linestyle="--", linewidth=1)
     ax.set_yticks(range(len(shown)), [s["configuration"] + (f"  ({s['verdict']})" if s["verdict"] else "")
                                       for _, s in shown])
-    ax.set_xlabel("test accuracy %\n(dots: seeds; diamond and bar: mean and 95% interval; "
-                  "band: the baseline's interval)")
+    ax.set_xlabel("test accuracy %  (dots: seeds; ◆ and bar: mean and 95% interval; band: the baseline's)")
     ax.set_title(path.parent.name)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
