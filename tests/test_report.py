@@ -176,10 +176,16 @@ def test_a_baseline_whose_jobs_all_failed_is_still_the_baseline(tmp_path):
                                                      "      model/activation: none\n      model/norm: none\n"
                                                      "      model/dropout: none\n")
         (folder / "failed.json").write_text(json.dumps({"error": "it broke"}))
+    running = tmp_path / "099_max-none-none-none_s2"  # a third, still running
+    (running / ".hydra").mkdir(parents=True)
+    (running / ".hydra" / "overrides.yaml").write_text("- model/pool=max\n- model/activation=none\n- seed=2\n")
+    (running / ".running").write_text("pid 4242 on node7 since 2026-12-06T16:00:00+00:00\n")
     report.report(tmp_path)
     rows = read_csv(tmp_path)
-    assert rows["pool=max"]["verdict"] == "baseline" and rows["pool=max"]["failed"] == "2"
-    assert "The baseline has 0 finished seed(s)" in (tmp_path / "report.md").read_text()
+    assert rows["pool=max"]["verdict"] == "baseline" and rows["pool=max"]["failed"] == "3"
+    text = (tmp_path / "report.md").read_text()
+    assert "The baseline has 0 finished seed(s)" in text
+    assert "- `099_max-none-none-none_s2`: running, or killed (pid 4242 on node7 since 2026-12-06T16:00:00+00:00)" in text
 
 
 def test_a_seed_run_twice_counts_once_and_a_diverged_value_is_left_out(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cifarlab.run_folder import FAILED, FINISHED
+from cifarlab.run_folder import FAILED, FINISHED, RUNNING
 
 # The documented model: what every row is compared with...
 BASELINE = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
@@ -104,8 +104,11 @@ def read_job(folder: Path) -> Job | None:
     seed = next((int(v) for k, v in pairs if k == "seed"), metrics.get("seed") if metrics else None)
     key = tuple((k, v) for k, v in pairs if not k.startswith(IGNORED_KEYS))  # in the grid's own axis order
     error = None
-    if metrics is None:
-        error = json.loads((folder / FAILED).read_text())["error"] if (folder / FAILED).exists() else "did not finish"
+    if metrics is None and (folder / FAILED).exists():
+        error = json.loads((folder / FAILED).read_text())["error"]
+    elif metrics is None:  # a job still running (its lock says where), or one killed before it could say so
+        lock = folder / RUNNING
+        error = f"running, or killed ({lock.read_text().strip()})" if lock.exists() else "did not finish"
     return Job(folder, key, seed, metrics, error, metrics["choices"] if metrics else choices_of(folder))
 
 
