@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cifarlab import report_board, report_plot, stats
 from cifarlab.run_folder import latest
-from cifarlab.sweep_results import RECIPE, Row, axes, baseline_row, collect, job_number, short, tested_checkpoints
+from cifarlab.sweep_results import RECIPE, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
 
 CSV_FIELDS = ["configuration", "test_acc_mean", "test_acc_std", "ci95_low", "ci95_high", "delta", "delta_ci95_low",
               "delta_ci95_high", "paired", "p_value", "p_holm", "verdict", "seeds_needed", "test_acc_no_tta_mean",
@@ -161,10 +161,9 @@ def main_effects(rows: list[Row]) -> dict[str, list[tuple[str, float, float, flo
     seeds every cell that ran has, so a failed job does not tilt a level), then the mean and 95% interval of those
     per-seed means: [(level, mean, low, high, seeds, "cells that ran of all")] in the grid's order."""
     out = {}
-    in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
     for axis in axes(rows):
         out[axis] = []
-        for level in dict.fromkeys(dict(r.key)[axis] for r in in_grid_order):
+        for level in levels(rows, axis):
             cells = [r.per_seed("test_acc") for r in rows if dict(r.key)[axis] == level]
             ran = [c for c in cells if c]
             seeds = sorted(set.intersection(*(set(c) for c in ran))) if ran else []

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cifarlab.sweep_results import Row, job_number, short
+from cifarlab.sweep_results import Row, levels, short
 
 COLOURS = {"better": "tab:green", "worse": "tab:red", "baseline": "tab:orange"}  # else grey: not distinguishable
 MARKS = {"better": "▲", "worse": "▼", "baseline": "base"}
@@ -52,9 +52,7 @@ def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
 def cells(rows: list[Row], summary: list[dict], grid_axes: list[str]) -> tuple[list, list, np.ndarray, dict]:
     """The heatmap's content: its row and column levels in grid order, the mean per cell, the mark per cell."""
     a, b = grid_axes
-    in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
-    xs = list(dict.fromkeys(dict(r.key)[b] for r in in_grid_order))
-    ys = list(dict.fromkeys(dict(r.key)[a] for r in in_grid_order))
+    xs, ys = levels(rows, b), levels(rows, a)
     grid = np.full((len(ys), len(xs)), np.nan)
     marks = {}
     for r, s in zip(rows, summary):

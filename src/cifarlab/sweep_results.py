@@ -146,6 +146,12 @@ def collect(sweep: Path) -> list[Row]:
     return sorted(rows.values(), key=lambda r: (-r.mean("test_acc") if r.done else math.inf, r.label()))
 
 
+def levels(rows: list[Row], axis: str) -> list[str]:
+    """The values an axis takes, in the order the grid ran them (not the report's ranking)."""
+    in_grid_order = sorted(rows, key=lambda r: job_number(r.jobs[0].folder))
+    return list(dict.fromkeys(dict(r.key)[axis] for r in in_grid_order))
+
+
 def axes(rows: list[Row]) -> list[str]:
     return [k for k, _ in rows[0].key] if rows and rows[0].key else []
 
