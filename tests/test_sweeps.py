@@ -248,23 +248,6 @@ def test_slurm_launcher_and_ddp_trainer_compose():
     assert ddp.trainer.strategy == "ddp" and ddp.trainer.devices == 2 and ddp.trainer.sync_batchnorm
 
 
-def test_optuna_search_runs_trials_and_continues_its_study(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    common = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}", *TINY]
-    for i in (1, 2):
-        result = run_cli(*common, f"hydra.sweep.dir={tmp_path / f's{i}'}", cwd=tmp_path, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert len(job_folders(tmp_path / f"s{i}")) == 2
-    import optuna
-
-    study = optuna.load_study(study_name="cifarlab", storage=storage)
-    assert len(study.trials) == 4  # the second run continued the study
-    assert {"optimizer.lr", "optimizer.weight_decay", "model.dropout.p"} == set(study.trials[0].params)
-    values = [t.value for t in study.trials]
-    metrics = [read_metrics(f)["best_val_acc"] for i in (1, 2) for f in job_folders(tmp_path / f"s{i}")]
-    assert sorted(values) == pytest.approx(sorted(metrics))  # it maximises validation accuracy, never test
-
-
 def test_ddp_on_two_cpu_processes_trains_and_logs_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -227,6 +227,20 @@ def scheduler(node: DictConfig) -> Callable[[torch.optim.Optimizer, int], Any] |
     return make
 
 
+def pruner(node: DictConfig | None) -> Any:
+    """hydra.sweeper.pruner (configs/hydra/sweeper/pruner/): the pruner a search trial's job judges itself with, the
+    one the sweep's study uses (Optuna does not store it with the study)."""
+    import optuna
+    from hydra.utils import instantiate
+
+    if not node:
+        return optuna.pruners.NopPruner()
+    if not str(node.get("_target_", "")).startswith("optuna.pruners."):
+        raise ConfigError(f"hydra.sweeper.pruner._target_={fmt(node.get('_target_'))}: not an Optuna pruner "
+                          "(allowed: optuna.pruners.*)")
+    return instantiate(node)
+
+
 def check_schedule(make: Callable | None, total_steps: int) -> None:
     """Build the schedule once over a stand-in parameter, for the run's length."""
     if make is not None:

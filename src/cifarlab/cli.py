@@ -41,7 +41,6 @@ def composed(args: list[str]) -> DictConfig | None:
     (an unknown option or key, a value of the wrong type, an unparsable override) as a ConfigError of one line; None
     for anything else, which Hydra then reports itself."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     def compose_with(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
@@ -49,18 +48,28 @@ def composed(args: list[str]) -> DictConfig | None:
 
     try:
         return compose_with(args)
-    except MissingConfigException as e:  # an option (configs/<group>/<option>.yaml) that is not there
+    except Exception as e:
+        error = refusal(e, args, compose_with)
+        if error is None:
+            return None
+        raise error from None
+
+
+def refusal(e: Exception, args: list[str], compose_with: Callable[[list[str]], DictConfig]) -> ConfigError | None:
+    """Hydra's refusal to compose these overrides, as one line; None for an exception that is not one."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if isinstance(e, MissingConfigException):  # an option (configs/<group>/<option>.yaml) that is not there
         if not e.missing_cfg_file or "/" not in e.missing_cfg_file:
-            raise ConfigError(" ".join(str(e).split())) from None
+            return ConfigError(" ".join(str(e).split()))
         group, option = e.missing_cfg_file.rsplit("/", 1)
-        raise ConfigError(f"{group}={option}: no such option (no configs/{group}/{option}.yaml); choose one of: "
-                          f"{', '.join(e.options or [])}") from None
-    except ConfigCompositionException as e:
-        raise ConfigError(composition_error(e, args, compose_with)) from None
-    except OverrideParseException as e:
-        raise ConfigError(f"cannot parse the overrides {' '.join(args)}: {str(e).splitlines()[0]}") from None
-    except Exception:
-        return None
+        return ConfigError(f"{group}={option}: no such option (no configs/{group}/{option}.yaml); choose one of: "
+                           f"{', '.join(e.options or [])}")
+    if isinstance(e, ConfigCompositionException):
+        return ConfigError(composition_error(e, args, compose_with))
+    if isinstance(e, OverrideParseException):
+        return ConfigError(f"cannot parse the overrides {' '.join(args)}: {str(e).splitlines()[0]}")
+    return None
 
 
 def composition_error(e: Exception, args: list[str], compose_with: Callable[[list[str]], DictConfig]) -> str:

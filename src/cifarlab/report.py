@@ -61,6 +61,7 @@ def summarize(rows: list[Row], baseline: Row | None) -> list[dict]:
             "epoch_s": r.mean("epoch_s"),
             "seeds": len(accs),
             "failed": len(r.failed),
+            "pruned_after": r.pruned_after,
         }
         if s["verdict"] == "not distinguishable":  # at the level the strictest Holm step asks of one row
             s["seeds_needed"] = stats.seeds_needed(d, stats.ALPHA / len(tested))
@@ -114,7 +115,8 @@ def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     for s in summary:
         delta = "baseline" if s["baseline"] else _interval(s["delta"], s["delta_ci95_low"], s["delta_ci95_high"], True)
         body.append([
-            s["configuration"] + (f" ({s['baseline_is']})" if s["baseline"] else ""),
+            s["configuration"] + (f" ({s['baseline_is']})" if s["baseline"] else "")
+            + (f" (pruned after epoch {s['pruned_after']})" if s["pruned_after"] else ""),
             _interval(s["test_acc_mean"], s["ci95_low"], s["ci95_high"]),
             delta + ("" if s["paired"] is not False else " (unpaired)"),
             _p(s["p_holm"]),
@@ -133,6 +135,11 @@ def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
 def explanation(summary: list[dict], baseline: Row | None) -> list[str]:
     """The three lines under the table: what the columns mean, or why they are empty."""
     more_seeds = "Run the same grid with more seeds (`seed=0,1,2,3,4` on the command line) to get intervals, p values "
+    if any(s["configuration"].startswith("trial=") for s in summary):
+        return ["Each row is one trial of an Optuna search, ranked by its best val acc (what the search maximised; "
+                "ranking by test accuracy would overstate the winner). A pruned trial stopped after the epoch shown "
+                "and scored no test set. To tell the best few apart from seed noise, run them again with "
+                "`seed=0,1,2,3,4` as a sweep."]
     if max(s["seeds"] for s in summary) < 2:
         return [f"One seed per configuration: no test is possible. {more_seeds}and verdicts."]
     if baseline is None:
@@ -185,7 +192,8 @@ def markdown(sweep: Path, rows: list[Row], summary: list[dict], baseline: Row | 
         f"- folder: `{sweep}`",
         f"- data: {', '.join(f'`{s}`' for s in sources) or '—'}; epochs: {', '.join(map(str, epochs)) or '—'}",
         f"- jobs: {len(jobs)} ({sum(1 for j in jobs if j.metrics)} finished, "
-        f"{sum(1 for j in jobs if not j.metrics)} failed or unfinished); rows sorted by mean test accuracy",
+        f"{sum(1 for j in jobs if not j.metrics)} failed or unfinished); rows sorted by mean "
+        f"{'best val' if any(s['configuration'].startswith('trial=') for s in summary) else 'test'} accuracy",
         f"- test accuracy is that of each job's {tested_checkpoints(jobs)}",
         "",
         "| " + " | ".join(header) + " |",
@@ -227,6 +235,7 @@ def report(sweep: Path, baseline_label: str | None = None) -> tuple[list[str], l
     plots = [report_plot.seeds(rows, summary, sweep / "report.png")]
     if len(axes(rows)) == 2:
         plots.append(report_plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
+    plots += sorted(sweep.glob("search_*.png"))  # an Optuna search's own plots (search_plots.py)
     report_board.write(sweep, rows, text, plots)
     return table(summary)
 

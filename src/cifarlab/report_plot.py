@@ -22,7 +22,8 @@ MARKS = {"better": "▲", "worse": "▼", "baseline": "base"}
 def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
     """One line per configuration, best at the top: a dot per seed, the mean with its 95% interval, and the
     baseline's interval as a band across the plot."""
-    shown = [(r, s) for r, s in zip(rows, summary) if r.done][::-1]  # rows come best first; the plot draws upwards
+    # rows come best first, the plot draws upwards; a pruned search trial has no test accuracy to show
+    shown = [(r, s) for r, s in zip(rows, summary) if r.per_seed("test_acc")][::-1]
     fig, ax = plt.subplots(figsize=(11, 1.3 + 0.45 * max(len(shown), 1)))
     for y, (r, s) in enumerate(shown):
         colour = COLOURS.get(s["verdict"], "tab:gray")

@@ -79,10 +79,11 @@ def latest(pattern: str) -> Path | None:
 
 
 def config_sha(cfg: DictConfig) -> str:
-    """What makes two runs the same run: the resolved config, less the thread count and the resume request."""
+    """What makes two runs the same run: the resolved config, less the thread count, the resume request and the
+    search trial it reports to (a trial asked again continues the folder of the one a killed sweep left)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("threads", None)
-    plain.pop("resume", None)
+    for key in ("threads", "resume", "trial"):
+        plain.pop(key, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -76,6 +76,7 @@ class TrainSchema:
     test_checkpoint: str = MISSING
     init_from: Optional[str] = None
     resume: Optional[str] = None
+    trial: Optional[int] = None
     model: ModelSchema = field(default_factory=ModelSchema)
     data: DataSchema = field(default_factory=DataSchema)
     optimizer: Dict[str, Any] = field(default_factory=dict)

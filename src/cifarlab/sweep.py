@@ -39,7 +39,8 @@ def job(cfg: DictConfig) -> float:
     if finished.exists():
         done = json.loads(finished.read_text())
         if done.get("config_sha") == config_sha(cfg):
-            log.info("%s: finished before (test/acc %.4f); skipped", run_dir.name, done["test_acc"])
+            log.info("%s: finished before (%s); skipped", run_dir.name, "pruned" if done.get("pruned") else
+                     f"test/acc {done['test_acc']:.4f}")
             return done["best_val_acc"]
         log.error("%s: holds a finished run of another config (see its config.yaml); left alone", run_dir)
         return float("nan")
@@ -61,7 +62,8 @@ def job(cfg: DictConfig) -> float:
                               "folder; run single-device jobs (launcher=slurm gives each its own GPU) or trainer=ddp "
                               "without -m")
         with claim(run_dir):
-            return run(cfg, run_dir, option_names, resume=resume)["best_val_acc"]
+            return run(cfg, run_dir, option_names, resume=resume,
+                       extra_callbacks=search_trial_callbacks(cfg))["best_val_acc"]
     except Interrupted as e:
         print(f"\n{e}\nThe sweep stopped; run the same command again to go on: finished jobs are skipped and this "
               "one continues where it stopped.", file=sys.stderr)
@@ -72,6 +74,15 @@ def job(cfg: DictConfig) -> float:
         to_train_log(f"failed: {what}", logging.ERROR, sys.exc_info())
         log.error("%s failed, the sweep goes on: %s", run_dir.name, what)
         return float("nan")
+
+
+def search_trial_callbacks(cfg: DictConfig) -> list[Any]:
+    """A search's job reports to its trial, which may prune it (search_trial.py); other jobs: nothing."""
+    if cfg.get("trial") is None:
+        return []
+    from cifarlab import search_trial  # optuna: only in a search
+
+    return search_trial.callbacks(cfg.trial)
 
 
 class SweepOutcome(Callback):

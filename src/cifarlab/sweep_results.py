@@ -72,7 +72,21 @@ class Row:
         return choices is not None and all(choices.get(k) == v for k, v in BASELINE.items())
 
     def label(self) -> str:
-        return " ".join(f"{short(k)}={v}" for k, v in self.key) or "(as configured)"
+        return " ".join(f"{short(k)}={readable(v)}" for k, v in self.key) or "(as configured)"
+
+    @property
+    def pruned_after(self) -> int | None:
+        """A search trial that its pruner stopped: the epoch it stopped after (metrics.json); None otherwise."""
+        return next((j.metrics["epochs"] for j in self.finished if j.metrics.get("pruned")), None)
+
+
+def readable(value: str) -> str:
+    """A value sampled by a search (0.0020554062603827007) to 4 significant digits; anything else as given."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value and len(value) > 8 else value
 
 
 def short(key: str) -> str:
@@ -143,7 +157,9 @@ def collect(sweep: Path) -> list[Row]:
     for j in jobs:
         j.key = tuple((k, dict(j.key).get(k, "(default)")) for k in varying)
         rows.setdefault(j.key, Row(j.key)).jobs.append(j)
-    return sorted(rows.values(), key=lambda r: (-r.mean("test_acc") if r.done else math.inf, r.label()))
+    # A search's trials rank by what it maximised (val/acc): choosing by the test set would overstate the winner.
+    rank_by = "best_val_acc" if any(j.metrics and "trial" in j.metrics for j in jobs) else "test_acc"
+    return sorted(rows.values(), key=lambda r: (-r.mean(rank_by) if r.values(rank_by) else math.inf, r.label()))
 
 
 def levels(rows: list[Row], axis: str) -> list[str]:

@@ -89,11 +89,17 @@ def run(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = No
             writer.add_text("data", "**SYNTHETIC DATA, NOT CIFAR-10**: made-up images from data=synthetic")
     fit(p, ckpt_path, run_dir)
     timing = p.summary.summary()  # before testing, which may load the best checkpoint's callback states
-    tested, test, best = score_test_set(p, run_dir)
+    pruned = pruned_after(p)
+    if pruned is None:
+        tested, test, best = score_test_set(p, run_dir)
+    else:  # a search's losing trial: scoring the test set would only cost time
+        tested, test, best = None, {"test/acc": None, "test/loss": None}, best_kept(p)
     timing["test_img_per_s"] = p.summary.test_img_per_s
     if not p.trainer.is_global_zero:
         return {}
     metrics = results(p, run_dir, test, tested, best, timing, overrides, resume, time.perf_counter() - p.started)
+    if p.cfg.get("trial") is not None:
+        metrics.update(trial=p.cfg.trial, pruned=pruned is not None)  # pruned: `epochs` is where it stopped
     log_hparams(p.trainer, hparams(p, metrics), {k: metrics[k] for k in HPARAMS_METRICS})
     write_json(run_dir / FINISHED, metrics)  # last: its presence marks the run finished
     return metrics
@@ -139,6 +145,23 @@ def fit(p: Prepared, ckpt_path: str | None, run_dir: Path) -> None:
         raise
 
 
+def pruned_after(p: Prepared) -> int | None:
+    """The epoch a search's pruner stopped this run after (search_trial.py); None when it ran to its end."""
+    if p.cfg.get("trial") is None:
+        return None
+    from cifarlab import search_trial  # optuna: only in a search
+
+    return search_trial.pruned_after(p.trainer)
+
+
+def best_kept(p: Prepared) -> tuple[str | None, float | None]:
+    """(path, val/acc) of the best checkpoint callbacks.model_checkpoint kept, or (None, None)."""
+    ckpt_cb = next((c for c in p.trainer.checkpoint_callbacks if c.monitor is not None), None)
+    if ckpt_cb is None or not ckpt_cb.best_model_path:
+        return None, None
+    return ckpt_cb.best_model_path, float(ckpt_cb.best_model_score)
+
+
 def score_test_set(p: Prepared, run_dir: Path) -> tuple[str, dict[str, float], tuple[str | None, float | None]]:
     """Test the checkpoint test_checkpoint names: best (the highest val/acc that callbacks.model_checkpoint kept)
     or last (the weights training ended with). Returns which was tested, the test metrics, and (best path, score)."""
@@ -157,8 +180,7 @@ def score_test_set(p: Prepared, run_dir: Path) -> tuple[str, dict[str, float], t
             raise Interrupted("interrupted while testing; training had finished. Continue with: "
                               f"cifarlab-train resume={run_dir}") from None
         raise
-    best = (ckpt_cb.best_model_path, float(ckpt_cb.best_model_score)) if has_best else (None, None)
-    return tested, test, best
+    return tested, test, best_kept(p)
 
 
 def results(p: Prepared, run_dir: Path, test: dict[str, float], tested: str, best: tuple[str | None, float | None],
@@ -170,7 +192,7 @@ def results(p: Prepared, run_dir: Path, test: dict[str, float], tested: str, bes
     return {
         "test_acc": test["test/acc"],
         "test_loss": test["test/loss"],
-        **({"test_acc_no_tta": test["test/acc_no_tta"]} if p.module.tta else {}),
+        **({"test_acc_no_tta": test.get("test/acc_no_tta")} if p.module.tta else {}),
         "best_val_acc": best[1],
         "params": count_parameters(p.model),
         "epochs": trainer.current_epoch,

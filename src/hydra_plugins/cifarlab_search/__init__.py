@@ -1,0 +1,36 @@
+"""cifarlab's Optuna search as a Hydra sweeper plugin (configs/hydra/sweeper/optuna.yaml names it).
+
+Hydra accepts plugins only from this namespace; the search itself is src/cifarlab/search.py. Hydra imports this
+module on every start to find its plugins, so it imports neither Optuna nor torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+class OptunaSweeper(Sweeper):
+    """hydra.sweeper: direction, study_name, storage, n_trials, n_jobs, params (the search space), and the sampler
+    and pruner, which Hydra has instantiated from their _target_."""
+
+    def __init__(self, sampler: Any, pruner: Any, **settings: Any) -> None:
+        self.sampler, self.pruner, self.settings = sampler, pruner, settings
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from cifarlab import search
+        from cifarlab.errors import UserError, refuse
+
+        try:
+            return search.run(self, arguments)
+        except UserError as e:  # a mistake in the search space, or a study in use: one line, as cifarlab-train says it
+            refuse(str(e), e.exit_status)
