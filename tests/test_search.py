@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cifarlab import search, search_study
 from cifarlab.errors import ConfigError
-from conftest import CLI, run_cli
+from conftest import CLI, REPO, run_cli
 
 EPOCHS = 3
 N_TRIALS = 6
@@ -188,3 +189,20 @@ def test_a_larger_n_trials_extends_the_study_and_a_second_sweep_on_it_is_refused
     assert more.returncode == 0, more.stderr[-3000:]
     counted = [t for t in study_of(sweep).trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(counted) == N_TRIALS + 1
+
+
+def test_the_cost_script_sums_what_the_trials_trained(killed_and_resumed):
+    _, sweep, _, _, _ = killed_and_resumed
+    out = sweep.parent / "cost.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "search_cost.py"), str(sweep), "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(out.read_text())
+    study = study_of(sweep)
+    counted = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert row["epochs_trained"] == sum(max(t.intermediate_values) for t in counted)
+    assert row["trials"] == {"complete": sum(t.state == TrialState.COMPLETE for t in study.trials),
+                             "pruned": sum(t.state == TrialState.PRUNED for t in study.trials),
+                             "fail": sum(t.state == TrialState.FAIL for t in study.trials)}
+    assert row["best_val_acc"] == study.best_value and 0 < row["sweep_wall_s"] and 0 < row["trials_wall_s"]
+    assert f"| `{sweep.name}` |" in result.stdout

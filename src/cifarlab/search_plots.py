@@ -25,6 +25,7 @@ PLOTS: dict[str, Callable[[optuna.Study], Any]] = {  # file stem -> Optuna's plo
     "search_epochs": lambda s: optuna.visualization.matplotlib.plot_intermediate_values(s),
 }
 RESULTS = "search.json"
+AXES = {"search_history": ("trial", "best val/acc of the trial"), "search_epochs": ("epoch", "val/acc")}  # not "step"
 
 
 def plots(study: optuna.Study, folder: Path) -> list[Path]:
@@ -41,6 +42,9 @@ def plots(study: optuna.Study, folder: Path) -> list[Path]:
             except (ValueError, RuntimeError) as e:  # too few finished trials for this plot
                 log.info("%s.png not drawn: %s", stem, e)
                 continue
+        if stem in AXES:
+            ax.set_xlabel(AXES[stem][0])
+            ax.set_ylabel(AXES[stem][1])
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         fig.set_size_inches(9, 5.5)
         fig.tight_layout()
