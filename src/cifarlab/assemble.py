@@ -26,6 +26,8 @@ from cifarlab.progress import EpochSummary, StopOnNonFiniteLoss
 NOISE = ("💡 Tip", "Trainer already configured with model summary", "Loading `train_dataloader` to estimate")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith(NOISE))
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Given only outside any SLURM job, where srun is installed (a login node): cifarlab reaches SLURM with launcher=slurm.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
 
 
 @dataclass

@@ -88,8 +88,16 @@ def config_sha(cfg: DictConfig) -> str:
 
 
 def is_ddp_child() -> bool:
-    """Lightning starts DDP ranks 1.. by running this command again with LOCAL_RANK set; rank 0 owns the folder."""
-    return os.environ.get("LOCAL_RANK", "0") != "0"
+    """A DDP rank other than 0, which owns the folder: Lightning starts ranks 1.. by running this command again with
+    LOCAL_RANK set; under launcher=slurm, SLURM starts every rank (SLURM_PROCID)."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("SLURM_PROCID", "0") != "0"
+
+
+def slurm_run() -> str:
+    """This SLURM job and how many times SLURM has started it ('' outside SLURM): a requeued job keeps its id, and
+    SLURM never runs two starts of one job at once."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"slurm job {job} start {int(os.environ.get('SLURM_RESTART_COUNT', '0')) + 1}" if job else ""
 
 
 def stopped_run(run_dir: Path) -> str:
@@ -114,9 +122,10 @@ def claim(run_dir: Path):
             f"hydra.run.dir={run_dir}: another run is using this folder ({lock}: {lock.read_text().strip()}); "
             f"if that run is dead, delete {lock} first"
         ) from None
+    slurm = f" ({slurm_run()})" if slurm_run() else ""  # what a requeued start of the job, or its other ranks, look for
     with os.fdopen(fd, "w") as f:
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n")
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}{slurm}\n")
     try:
         yield
     finally:
@@ -124,8 +133,13 @@ def claim(run_dir: Path):
 
 
 def lock_is_stale(run_dir: Path) -> bool:
-    """The folder's lock names a process on this machine that no longer exists (a killed run)."""
-    words = (run_dir / RUNNING).read_text().split()
+    """The folder's lock names a process on this machine that no longer exists (a killed run), or an earlier start
+    of this SLURM job (requeued, on this node or another)."""
+    text = (run_dir / RUNNING).read_text()
+    held_by = re.search(r"\((slurm job \S+) start \d+\)", text)
+    if held_by and slurm_run().startswith(f"{held_by[1]} ") and f"({slurm_run()})" not in text:
+        return True
+    words = text.split()
     if len(words) < 4 or words[0] != "pid" or words[3] != socket.gethostname():
         return False
     try:

@@ -18,6 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from cifarlab import cluster
 from cifarlab.errors import ConfigError, UserError, refuse
 from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, SAVED_CONFIG, claim, config_sha, lock_is_stale, override,
                                  set_aside, to_train_log, write_json)
@@ -35,6 +36,8 @@ def job(cfg: DictConfig) -> float:
 
     run_dir, option_names = Path(HydraConfig.get().runtime.output_dir), dict(HydraConfig.get().runtime.choices)
     settle(cfg)  # the config as the run records it (absolute paths), so that config_sha compares like with like
+    if cluster.rank() > 0:  # a DDP rank SLURM started beside rank 0, which alone decides about the folder
+        return cluster.follow(cfg, run_dir, option_names)
     finished = run_dir / FINISHED
     if finished.exists():
         done = json.loads(finished.read_text())
@@ -56,10 +59,11 @@ def job(cfg: DictConfig) -> float:
     if resume:
         log.warning("%s: an earlier attempt was stopped; continuing it", run_dir.name)
     try:
-        if str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+        if str(cfg.trainer.get("strategy", "")).startswith("ddp") and cluster.tasks_per_node() is None:
             raise ConfigError("trainer.strategy=ddp inside a -m sweep: Lightning re-runs the command for each rank "
                               "with hydra.run.dir, which a sweep job does not use, so ranks would land in another "
-                              "folder; run single-device jobs (launcher=slurm gives each its own GPU) or trainer=ddp "
+                              "folder; use launcher=slurm with hydra.launcher.tasks_per_node=<trainer.devices> "
+                              "(SLURM starts the ranks), or trainer=ddp "
                               "without -m")
         with claim(run_dir):
             return run(cfg, run_dir, option_names, resume=resume,
@@ -96,6 +100,9 @@ class SweepOutcome(Callback):
         from cifarlab.prepare import fetch_data  # torchvision: only for a sweep
 
         self.started = time.time()
+        mistake = cluster.launcher_mistake(config)  # before anything is submitted
+        if mistake:
+            refuse(mistake)
         try:
             fetch_data(config.data)
         except UserError as e:
