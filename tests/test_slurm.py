@@ -200,3 +200,24 @@ def test_tasks_devices_and_gpus_that_do_not_match_are_refused_before_anything_is
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
     assert not sweep.exists()
+
+
+def test_an_optuna_search_on_slurm_reports_each_epoch_from_the_jobs_and_prunes(slurm, tmp_path):
+    """Trials are SLURM jobs in other processes: each reports val/acc per epoch to the study's journal file, and the
+    pruner stops the trial that cannot learn (the search and its settings of tests/test_search.py)."""
+    from optuna.trial import TrialState
+
+    from test_search import SEARCH, study_of
+
+    sweep = tmp_path / "search"
+    search = [a for a in SEARCH if a != "launcher=parallel"]
+    result = run_cli(*search, "hydra.sweeper.n_trials=4", *on(slurm), "hydra.launcher.array_parallelism=2",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [s.count("#SBATCH --array=0-1%2") for s in submission_scripts(sweep)] == [1, 1]  # two arrays of 2 trials
+    trials = study_of(sweep).trials
+    assert [t.state for t in trials].count(TrialState.PRUNED) >= 1 and len(trials) == 4
+    for t in trials:
+        m = read_metrics(sweep / t.user_attrs["job_folder"])
+        assert sorted(t.intermediate_values) == list(range(1, m["epochs"] + 1))  # reported by the job, every epoch
+        assert m["pruned"] is (t.state == TrialState.PRUNED) and m["trial"] == t.number

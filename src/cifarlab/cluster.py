@@ -67,6 +67,7 @@ def launcher_mistake(config: DictConfig) -> str | None:
 def follow(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> float:
     """A rank > 0 of a DDP job SLURM started: trains beside rank 0 in its folder and writes nothing. Returns NaN
     (the sweep reads rank 0's result)."""
+    from cifarlab import search_trial
     from cifarlab.train import Interrupted, run
 
     this_run, deadline = slurm_run(), time.monotonic() + RANK_ZERO_WAIT_S
@@ -82,7 +83,7 @@ def follow(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> floa
     # Rank 0 has set aside a failed attempt and decided: a last.ckpt there now is the one it continues from.
     resume = (run_dir / "checkpoints" / "last.ckpt").exists()
     try:
-        run(cfg, run_dir, option_names, resume=resume)
+        run(cfg, run_dir, option_names, resume=resume, extra_callbacks=search_trial.callbacks(cfg.get("trial")))
     except Interrupted:  # SLURM stopped the job: no result, so that submitit sees it as unfinished (requeued)
         sys.exit(130)
     except Exception as e:  # rank 0 fails the same way and records it in failed.json

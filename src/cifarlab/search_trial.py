@@ -13,11 +13,12 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
-import optuna
 
-from cifarlab import search_study
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger("cifarlab")
 
@@ -45,10 +46,13 @@ class Pruning(L.Callback):
 
 
 def callbacks(trial_number: int | None) -> list[L.Callback]:
-    """The pruning callback of a search trial's job (none outside a search): its trial in the sweep's study."""
+    """The pruning callback of a search trial's job (none outside a search): its trial in the sweep's study. Every
+    rank of a DDP job gets one: each takes part in the pruning decision."""
     if trial_number is None:
         return []
     from hydra.core.hydra_config import HydraConfig
+
+    from cifarlab import search_study  # optuna: only in a search
 
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(hydra_cfg.runtime.output_dir).parent  # absolute, on whichever machine the launcher chose

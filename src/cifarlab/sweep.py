@@ -32,6 +32,7 @@ def job(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from cifarlab.prepare import settle
+    from cifarlab import search_trial
     from cifarlab.train import Interrupted, run
 
     run_dir, option_names = Path(HydraConfig.get().runtime.output_dir), dict(HydraConfig.get().runtime.choices)
@@ -67,7 +68,7 @@ def job(cfg: DictConfig) -> float:
                               "without -m")
         with claim(run_dir):
             return run(cfg, run_dir, option_names, resume=resume,
-                       extra_callbacks=search_trial_callbacks(cfg))["best_val_acc"]
+                       extra_callbacks=search_trial.callbacks(cfg.get("trial")))["best_val_acc"]
     except Interrupted as e:
         print(f"\n{e}\nThe sweep stopped; run the same command again to go on: finished jobs are skipped and this "
               "one continues where it stopped.", file=sys.stderr)
@@ -78,15 +79,6 @@ def job(cfg: DictConfig) -> float:
         to_train_log(f"failed: {what}", logging.ERROR, sys.exc_info())
         log.error("%s failed, the sweep goes on: %s", run_dir.name, what)
         return float("nan")
-
-
-def search_trial_callbacks(cfg: DictConfig) -> list[Any]:
-    """A search's job reports to its trial, which may prune it (search_trial.py); other jobs: nothing."""
-    if cfg.get("trial") is None:
-        return []
-    from cifarlab import search_trial  # optuna: only in a search
-
-    return search_trial.callbacks(cfg.trial)
 
 
 class SweepOutcome(Callback):
