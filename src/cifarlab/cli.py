@@ -167,11 +167,13 @@ def task(prepared: Any) -> Callable[[DictConfig], Any]:
     def run(cfg: DictConfig) -> Any:
         schema.register()  # a launcher's worker restores the parent's Hydra state before each job: register again
         try:
-            from cifarlab import sweep, train
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                from cifarlab import sweep  # Lightning only once the job is not skipped as finished
+
+                return sweep.job(cfg)  # each job prepares itself; its failures end in its failed.json
+            from cifarlab import train
 
             quiet_lightning_console()
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                return sweep.job(cfg)  # each job prepares itself; its failures end in its failed.json
             return train.main(cfg, prepared)
         except UserError as e:
             to_train_log(f"error: {e}", logging.ERROR)

@@ -32,8 +32,6 @@ def job(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     from cifarlab.prepare import settle
-    from cifarlab import search_trial
-    from cifarlab.train import Interrupted, run
 
     run_dir, option_names = Path(HydraConfig.get().runtime.output_dir), dict(HydraConfig.get().runtime.choices)
     settle(cfg)  # the config as the run records it (absolute paths), so that config_sha compares like with like
@@ -59,6 +57,9 @@ def job(cfg: DictConfig) -> float:
     resume = (run_dir / SAVED_CONFIG).exists() or (run_dir / "checkpoints" / "last.ckpt").exists()
     if resume:
         log.warning("%s: an earlier attempt was stopped; continuing it", run_dir.name)
+    from cifarlab import search_trial
+    from cifarlab.train import Interrupted, run  # Lightning (6 s to load): not for a job skipped above
+
     try:
         if str(cfg.trainer.get("strategy", "")).startswith("ddp") and cluster.tasks_per_node() is None:
             raise ConfigError("trainer.strategy=ddp inside a -m sweep: Lightning re-runs the command for each rank "
