@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -89,3 +91,19 @@ def test_a_failed_download_is_refused_in_one_line_and_leaves_no_folder(tmp_path,
     assert not where.exists()  # no run (or sweep) folder that passes for a run
     assert not data_root.exists()  # nor an empty data folder
     assert not (tmp_path / "outputs").exists()
+
+
+def test_an_error_from_submitits_own_requeue_is_a_requeue_not_a_failure():
+    """On USR2 submitit runs `scontrol requeue`; when SLURM's stop kills that call first, the job must not record a
+    failure (the next start would set its checkpoint aside and start over)."""
+    from cifarlab import cluster
+
+    def checkpoint_and_try_requeue():  # the name of submitit's handler, as the traceback shows it
+        raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "9"])
+
+    with pytest.raises(subprocess.CalledProcessError) as raced:
+        checkpoint_and_try_requeue()
+    assert cluster.requeue_raced(raced.value)
+    with pytest.raises(subprocess.CalledProcessError) as other:
+        subprocess.check_call([sys.executable, "-c", "raise SystemExit(3)"])
+    assert not cluster.requeue_raced(other.value)

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -62,6 +63,12 @@ def launcher_mistake(config: DictConfig) -> str | None:
                     f"would have {gpus} GPU(s) for {wanted} process(es); on a CPU-only cluster add "
                     "trainer.accelerator=cpu, otherwise set hydra.launcher.gpus_per_node")
     return None
+
+
+def requeue_raced(e: BaseException) -> bool:
+    """The error came from submitit's own requeue (its USR2 handler runs `scontrol requeue`), which SLURM's stop of
+    the job cut short: the job is being requeued, not failing, and its next start continues from last.ckpt."""
+    return any(frame.f_code.co_name == "checkpoint_and_try_requeue" for frame, _ in traceback.walk_tb(e.__traceback__))
 
 
 def follow(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> float:

@@ -75,6 +75,9 @@ def job(cfg: DictConfig) -> float:
               "one continues where it stopped.", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
+        if cluster.requeue_raced(e):  # SLURM stopped the job while submitit requeued it: no failed.json
+            log.warning("%s: stopped by SLURM while requeuing itself (%s); its next start continues", run_dir.name, e)
+            sys.exit(130)
         what = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         write_json(run_dir / FAILED, {"error": what, "traceback": traceback.format_exc()})
         to_train_log(f"failed: {what}", logging.ERROR, sys.exc_info())
