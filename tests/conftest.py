@@ -26,14 +26,13 @@ schema.register()  # what cifarlab-train does before composing: the schema and t
 
 # The suite runs in parallel (pytest-xdist, `-n auto --dist loadfile` in pyproject.toml): each file's tests in one
 # worker, so a module's fixture (a training run read many ways) is made once. Most tests wait on a subprocess
-# starting Lightning, on file I/O or on SLURM's jobs: with two workers on 2 cores the CPU was busy 80 % of the suite.
+# starting Lightning, on file I/O or on SLURM's jobs; a third worker on 2 cores made the suite slower, not faster.
 MAX_WORKERS = 4  # each worker may train with torch's threads; more would only fight over the cores
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # One worker more than cores: the SLURM tests' worker mostly waits on its cluster's jobs (tests/test_slurm.py)
-    return max(1, min(MAX_WORKERS, cores + 1))
+    return max(1, min(MAX_WORKERS, cores))
 
 
 def compose_config(*overrides: str) -> DictConfig:
