@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow  # tools that measure (scripts/), not the product: `make test ARGS="-m 'not slow'"` skips
+pytestmark = pytest.mark.slow  # tools that measure (scripts/), not the product: make test ARGS="-m slow" runs them
 
 
 def _script(name: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
