@@ -109,6 +109,12 @@ def finished_run(run_dir: Path) -> str:
     return f"hydra.run.dir={run_dir}: holds a finished run ({FINISHED}); choose another folder"
 
 
+def holder() -> str:
+    """Who holds a lock, as its file says it: this process, its machine, and since when (lock_is_stale reads it)."""
+    since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return f"pid {os.getpid()} on {socket.gethostname()} since {since}"
+
+
 @contextlib.contextmanager
 def claim(run_dir: Path):
     """Hold the run folder for this run alone; refuse a folder that holds a finished run or one in progress."""
@@ -124,8 +130,7 @@ def claim(run_dir: Path):
         ) from None
     slurm = f" ({slurm_run()})" if slurm_run() else ""  # what a requeued start of the job, or its other ranks, look for
     with os.fdopen(fd, "w") as f:
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}{slurm}\n")
+        f.write(f"{holder()}{slurm}\n")
     try:
         yield
     finally:

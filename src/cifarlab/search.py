@@ -18,8 +18,6 @@ import json
 import logging
 import math
 import os
-import socket
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,11 +27,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
 from cifarlab import search_study
+from cifarlab.search_study import FOLDER
 from cifarlab.errors import ConfigError, RunFolderError
-from cifarlab.run_folder import FAILED, FINISHED
+from cifarlab.run_folder import FAILED, FINISHED, holder
 
 log = logging.getLogger("cifarlab")
-FOLDER = "job_folder"  # user attribute of a trial: its job folder (an asked-again trial continues the old one's)
 INTERRUPTED = "interrupted"  # user attribute of a failed trial that a killed sweep left running: asked again
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -46,13 +44,12 @@ def held(lock: Path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = Path(lock).read_text().strip() or "another process"
+        other = Path(lock).read_text().strip() or "another process"
         os.close(fd)
-        raise RunFolderError(f"{lock.parent}: another sweep is writing this study ({holder}); wait for it to end, "
+        raise RunFolderError(f"{lock.parent}: another sweep is writing this study ({other}); wait for it to end, "
                              "or stop it and run the command again to continue") from None
     os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                 f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n".encode())
+    os.write(fd, f"{holder()}\n".encode())
     try:
         yield
     finally:

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cifarlab.run_folder import write_json
+from cifarlab.search_study import FOLDER
 
 log = logging.getLogger("cifarlab")
 PLOTS: dict[str, Callable[[optuna.Study], Any]] = {  # file stem -> Optuna's plot (looked up when drawn)
@@ -58,11 +59,10 @@ def summarize(study: optuna.Study, folder: Path) -> dict[str, Any]:
     """search.json and the plots; the best trial in one line."""
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = max(finished, key=lambda t: t.value) if finished and study.direction.name == "MAXIMIZE" else (
-        min(finished, key=lambda t: t.value) if finished else None)
+    best = study.best_trial if finished else None  # Optuna's own pick, in the study's direction
     result = {"study": study.study_name, "trials": dict(states),
               "best": None if best is None else {"trial": best.number, "value": best.value, "params": best.params,
-                                                 "folder": best.user_attrs.get("job_folder")}}
+                                                 "folder": best.user_attrs.get(FOLDER)}}
     write_json(folder / RESULTS, result)
     drawn = plots(study, folder)
     counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
@@ -71,6 +71,6 @@ def summarize(study: optuna.Study, folder: Path) -> dict[str, Any]:
     else:
         params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
         print(f"search: {counts}; best: trial {best.number} (val/acc {best.value:.4f}) {params}; "
-              f"its folder: {folder / str(best.user_attrs.get('job_folder'))}")
+              f"its folder: {folder / str(best.user_attrs.get(FOLDER))}")
     print(f"plots: {', '.join(p.name for p in drawn)} in {folder}")
     return result

@@ -20,6 +20,7 @@ from cifarlab import build
 from cifarlab.errors import ConfigError
 
 JOURNAL = "study.journal"
+FOLDER = "job_folder"  # user attribute of a trial: its job folder (an asked-again trial continues the old one's)
 TAGS = ("log",)  # what tag(...) may say on a search parameter
 
 
