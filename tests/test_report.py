@@ -1,5 +1,6 @@
 """cifarlab-report on sweep folders whose numbers are known: two factors with a better, a worse and an
-indistinguishable cell; one seed per row; rows that do not share their seeds; another baseline. (The report of a
+inconclusive cell; one seed per row; rows that do not share their seeds; a lost job; damaged job files; another
+baseline. (The report of a
 real sweep, TensorBoard bands included, is tested in test_sweeps.py.)"""
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import sys
 
 import pytest
 from PIL import Image
+from scipy import stats as scipy_stats
 
 from cifarlab import report, report_plot, stats
 from cifarlab.sweep_results import baseline_row, collect
 
-SEEDS = range(7)  # 2 / 2^7 = 0.016: a constant shift stays below 5 % after Holm over three rows
+SEEDS = range(7)
 NOISE = [0.31, -0.12, 0.05, -0.27, 0.18, -0.02, 0.09]
 BASE = {s: 60.0 + n for s, n in zip(SEEDS, NOISE)}
 
@@ -65,13 +67,13 @@ def test_a_two_factor_grid_gets_verdicts_main_effects_and_a_marked_heatmap(two_f
     assert list(rows) == ["pool=avg activation=none", "pool=avg activation=relu", "pool=max activation=none",
                           "pool=max activation=relu"]  # best first
     better, even, base, worse = rows.values()
-    assert base["verdict"] == "baseline" and base["p_value"] == "" and base["delta"] == ""
-    assert (better["verdict"], worse["verdict"], even["verdict"]) == ("better", "worse", "not distinguishable")
+    assert base["verdict"] == "baseline" and base["p"] == "" and base["delta"] == ""
+    assert (better["verdict"], worse["verdict"], even["verdict"]) == ("better", "worse", "inconclusive")
     for row, shift in ((better, 1.0), (worse, -1.0)):
-        assert float(row["delta"]) == pytest.approx(shift) and row["paired"] == "True"
-        assert float(row["p_value"]) == pytest.approx(2 / 2 ** 7, abs=1e-4)
-        assert float(row["p_holm"]) == pytest.approx(3 * 2 / 2 ** 7, abs=1e-4)  # the two smallest of three
-    assert float(even["p_holm"]) >= float(even["p_value"]) > 0.05
+        assert float(row["delta"]) == pytest.approx(shift) and row["test"] == "paired t" and row["pairs"] == "7"
+        assert float(row["p"]) < 1e-10 and row["same_side"] == "7"  # a constant shift: no spread at all
+    assert float(even["p_adjusted"]) == pytest.approx(min(1, 3 * float(even["p"])), rel=1e-3)
+    assert even["rows_compared"] == "3" and float(even["delta_ci_level"]) == pytest.approx(1 - 0.05 / 3, abs=1e-4)
     assert int(even["seeds_needed"]) > len(SEEDS)  # detecting its small Δ needs more seeds than it has
     assert better["seeds_needed"] == worse["seeds_needed"] == ""  # already detected
     for row in rows.values():
@@ -81,13 +83,13 @@ def test_a_two_factor_grid_gets_verdicts_main_effects_and_a_marked_heatmap(two_f
             c.split("=")[1] for c in row["configuration"].split())].values()), abs=1e-4)
     text = (sweep / "report.md").read_text()
     assert "| pool=avg activation=none | " in text and "| better |" in text and "| worse |" in text
-    assert "Holm-corrected over the 3 rows compared" in text
+    assert "Δ vs baseline [98.3 % CI, 3 rows]" in text and "divided among the 3 rows compared (Bonferroni)" in text
     # main effects: pool=max averages (base, base - 1) seed by seed, so its mean is the base's minus 0.5
     pool_max = statistics.fmean(BASE.values()) - 0.5
     assert f"| max | {pool_max:.2f} [" in text.split("## Main effects")[1]
     assert f"| none | {statistics.fmean(BASE.values()) + 0.5:.2f} [" in text.split("| activation |")[1]
     assert Image.open(sweep / "heatmap.png").size[0] > 300 and Image.open(sweep / "report.png").size[0] > 300
-    rows_ = collect(sweep)
+    rows_, _ = collect(sweep)
     ys, xs, grid, marks = report_plot.cells(rows_, report.summarize(rows_, baseline_row(rows_)),
                                             ["model/pool", "model/activation"])
     assert (ys, xs) == (["max", "avg"], ["none", "relu"])  # the grid's order, not the ranking
@@ -102,7 +104,7 @@ def test_one_seed_per_row_says_no_test_is_possible_and_how_to_add_seeds(tmp_path
     grid(tmp_path, {("max", "none"): {0: 60.0}, ("avg", "none"): {0: 61.0}})
     report.report(tmp_path)
     rows = read_csv(tmp_path)
-    assert rows["pool=avg"]["verdict"] == rows["pool=avg"]["p_value"] == rows["pool=avg"]["ci95_low"] == ""
+    assert rows["pool=avg"]["verdict"] == rows["pool=avg"]["p"] == rows["pool=avg"]["ci95_low"] == ""
     assert float(rows["pool=avg"]["test_acc_mean"]) == pytest.approx(61.0)
     assert float(rows["pool=avg"]["delta"]) == pytest.approx(1.0)  # the difference, untested
     text = (tmp_path / "report.md").read_text()
@@ -110,16 +112,105 @@ def test_one_seed_per_row_says_no_test_is_possible_and_how_to_add_seeds(tmp_path
     assert "| 61.00 |" in text  # the mean alone, no interval pretending to be one
 
 
-def test_rows_that_do_not_share_seeds_are_compared_unpaired(tmp_path):
-    grid(tmp_path, {("max", "none"): {s: BASE[s] for s in (0, 1, 2, 3)},
-                    ("avg", "none"): {s: BASE[s] + 2 for s in (2, 3, 4, 5)}})
+def test_rows_that_share_no_seeds_are_compared_by_welch(tmp_path):
+    grid(tmp_path, {("max", "none"): {s: BASE[s] for s in (0, 1, 2)},
+                    ("avg", "none"): {s: BASE[s] + 2 for s in (3, 4, 5)}})
     report.report(tmp_path)
     row = read_csv(tmp_path)["pool=avg"]
-    assert row["paired"] == "False"
-    expected = stats.compare({s: BASE[s] + 2 for s in (2, 3, 4, 5)}, {s: BASE[s] for s in (0, 1, 2, 3)})
-    assert float(row["delta"]) == pytest.approx(expected.delta, abs=1e-4)
-    assert float(row["p_value"]) == pytest.approx(expected.p, abs=1e-4) and 0 < expected.p <= 1
+    assert row["test"] == "Welch t" and row["pairs"] == row["same_side"] == ""
+    welch = scipy_stats.ttest_ind([BASE[s] + 2 for s in (3, 4, 5)], [BASE[s] for s in (0, 1, 2)], equal_var=False)
+    assert float(row["p"]) == pytest.approx(welch.pvalue, rel=1e-3)
+    assert float(row["delta_ci_low"]) == pytest.approx(welch.confidence_interval(0.95).low, abs=1e-3)
     assert "(unpaired)" in (tmp_path / "report.md").read_text()
+
+
+def test_a_lost_baseline_seed_keeps_the_rows_paired_on_the_seeds_they_share(tmp_path):
+    """A baseline job that failed once made the comparison unpaired, whose label permutations reach lower p values
+    and turned rows into verdicts. Now the rows pair on the 6 seeds both ran and say so."""
+    cells = {("max", "none"): BASE, ("avg", "none"): {s: v + 0.3 * (s % 2) for s, v in BASE.items()},
+             ("lp", "none"): {s: v - 0.2 + 0.1 * (s % 3) for s, v in BASE.items()}}
+    grid(tmp_path, cells)
+    lost = next(tmp_path.glob("*_max-none-none-none_s3"))
+    (lost / "metrics.json").rename(lost / "failed.json")  # the job failed: its error, no metrics
+    (lost / "failed.json").write_text(json.dumps({"error": "RuntimeError: out of memory"}))
+    report.report(tmp_path)
+    rows = read_csv(tmp_path)
+    for name, accs in (("pool=avg", cells[("avg", "none")]), ("pool=lp", cells[("lp", "none")])):
+        shared = [s for s in SEEDS if s != 3]
+        paired = scipy_stats.ttest_rel([accs[s] for s in shared], [BASE[s] for s in shared])
+        assert rows[name]["test"] == "paired t" and rows[name]["pairs"] == "6"
+        assert float(rows[name]["p"]) == pytest.approx(paired.pvalue, rel=1e-3)
+        assert rows[name]["verdict"] == "inconclusive"  # as the 7 seeds were, before the job was lost
+    assert "(6 pairs)" in (tmp_path / "report.md").read_text()
+    assert rows["pool=max"]["failed"] == "1"
+
+
+def test_jobs_csv_holds_every_job_and_recomputes_the_table(tmp_path, two_factors):
+    sweep, cells = two_factors
+    job(sweep, 60, {"model/pool": "avg", "model/activation": "none"}, 0, BASE[0] + 3)  # seed 0 again, later
+    report.report(sweep)
+    jobs = list(csv.DictReader(open(sweep / "jobs.csv")))
+    assert len(jobs) == sum(len(c) for c in cells.values()) + 1
+    assert {k for k in jobs[0]} >= {"configuration", "seed", "status", "counted", "test_acc", "best_val_acc", "epochs",
+                                    "epoch_s", "folder", "error"}
+    by_row = {}
+    for j in jobs:
+        if j["counted"] == "1":
+            by_row.setdefault(j["configuration"], {})[int(j["seed"])] = float(j["test_acc"])
+    assert sum(j["counted"] == "0" for j in jobs) == 1  # the earlier run of seed 0 is listed, not counted
+    table = read_csv(sweep)
+    base = by_row["pool=max activation=none"]
+    for name, accs in by_row.items():
+        assert float(table[name]["test_acc_mean"]) == pytest.approx(statistics.fmean(accs.values()), abs=1e-3)
+        if name != "pool=max activation=none":
+            d = stats.compare(accs, base, rows=3)
+            assert float(table[name]["delta"]) == pytest.approx(d.delta, abs=1e-3)
+            assert float(table[name]["delta_ci_low"]) == pytest.approx(d.low, abs=1e-3)
+            assert table[name]["verdict"] == d.verdict
+
+
+@pytest.mark.parametrize("damage", ["metrics", "overrides", "both", "failed", "events"])
+def test_a_damaged_job_is_named_and_the_rest_reported(tmp_path, two_factors, capsys, damage):
+    sweep, _ = two_factors
+    folder = next(sweep.glob("*_avg-none-none-none_s2"))
+    if damage in ("metrics", "both"):
+        (folder / "metrics.json").write_text('{"test_acc": 0.61, "best_val')  # cut off mid-write
+    if damage in ("overrides", "both"):
+        (folder / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    if damage == "failed":
+        (folder / "metrics.json").unlink()
+        (folder / "failed.json").write_text("")
+    if damage == "events":
+        (folder / "events.out.tfevents.1.host").mkdir()  # TensorBoard's reader skips garbage, not this
+    report.report(sweep)
+    rows = read_csv(sweep)
+    assert rows["pool=max activation=relu"]["verdict"] == "worse"  # the other rows as before
+    text = (sweep / "report.md").read_text()
+    jobs = {j["folder"]: j for j in csv.DictReader(open(sweep / "jobs.csv"))}
+    if damage == "events":
+        assert "left out of the bands" in capsys.readouterr().err
+        return
+    expected = {"metrics": "damaged metrics.json: ", "overrides": "", "both": "damaged metrics.json: ",
+                "failed": "damaged failed.json: "}[damage]
+    if damage == "overrides":  # metrics.json names the overrides: the job still counts
+        assert rows["pool=avg activation=none"]["seeds"] == str(len(SEEDS))
+        return
+    assert f"- `{folder.name}`: {expected}" in text
+    assert jobs[folder.name]["status"] == "damaged"
+    assert jobs[folder.name]["error"].startswith(expected)
+    assert f"warning: {folder}: {expected}" in capsys.readouterr().err
+    assert rows["pool=avg activation=none"]["seeds"] == str(len(SEEDS) - 1)
+
+
+def test_the_exact_test_is_an_option_and_says_its_floor(two_factors, monkeypatch, capsys):
+    sweep, _ = two_factors
+    monkeypatch.setattr(sys, "argv", ["cifarlab-report", str(sweep), "--test", "exact"])
+    report.main()
+    rows = read_csv(sweep)
+    better = rows["pool=avg activation=none"]
+    assert better["test"] == "sign-flip" and float(better["p"]) == pytest.approx(2 / 2 ** 7, abs=1e-4)
+    assert float(better["p_adjusted"]) == pytest.approx(3 * 2 / 2 ** 7, abs=1e-4) and better["verdict"] == "better"
+    assert "cannot give the exact test a p below 2/2^n (0.0625 for 5)" in (sweep / "report.md").read_text()
 
 
 def test_another_row_can_be_the_baseline_and_a_wrong_name_is_refused_with_the_rows(two_factors, monkeypatch, capsys):
@@ -159,7 +250,7 @@ def test_a_failed_job_neither_tilts_a_main_effect_nor_hides_the_baseline(tmp_pat
     cells = {("max", "none"): BASE, ("max", "relu"): {s: BASE[s] - 5 for s in (0, 1, 2, 3)},  # seeds 4-6 failed
              ("avg", "none"): BASE, ("avg", "relu"): BASE}
     grid(tmp_path, cells)
-    effects = dict(report.main_effects(collect(tmp_path)))["model/pool"]
+    effects = dict(report.main_effects(collect(tmp_path)[0]))["model/pool"]
     level, mean, low, high, seeds, ran = effects[0]
     assert (level, seeds, ran) == ("max", 4, "2 of 2")  # the seeds both cells have
     assert mean == pytest.approx(statistics.fmean(BASE[s] - 2.5 for s in (0, 1, 2, 3)))
@@ -194,11 +285,5 @@ def test_a_seed_run_twice_counts_once_and_a_diverged_value_is_left_out(tmp_path)
     job(tmp_path, 51, {"model/pool": "avg", "model/activation": "none"}, 99, float("nan"))
     report.report(tmp_path)
     row = read_csv(tmp_path)["pool=avg"]
-    assert row["seeds"] == str(len(SEEDS)) and row["paired"] == "True"
+    assert row["seeds"] == str(len(SEEDS)) and row["test"] == "paired t"
     assert float(row["delta"]) == pytest.approx(3 / len(SEEDS), abs=1e-4)  # the later run of seed 0 counts
-
-
-def test_many_seeds_are_tested_in_a_second_with_sampled_sign_patterns(tmp_path):
-    base = {s: 60 + 0.3 * ((s * 7) % 5) for s in range(24)}
-    d = stats.compare({s: v + 0.1 for s, v in base.items()}, base)
-    assert d.paired and 0 < d.p <= 2 / (stats.PERMUTATIONS + 1)  # sampled: never 0, at its floor here

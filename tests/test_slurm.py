@@ -93,7 +93,7 @@ def test_cifarlab_report_reads_the_sweep(array_sweep):
     rows = {r["configuration"]: r for r in csv.DictReader(open(sweep / "report.csv"))}
     assert set(rows) == {"pool=max", "pool=avg"}
     assert [(r["seeds"], r["failed"]) for r in rows.values()] == [("2", "0")] * 2
-    assert rows["pool=max"]["verdict"] == "baseline" and rows["pool=avg"]["paired"] == "True"
+    assert rows["pool=max"]["verdict"] == "baseline" and rows["pool=avg"]["test"] == "paired t"
     assert "pool=avg" in result.stdout
 
 

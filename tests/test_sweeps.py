@@ -15,6 +15,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from scipy import stats as scipy_stats
 import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
@@ -128,26 +129,28 @@ def test_report_compares_each_row_with_the_baseline_paired_by_seed(small_sweep):
     b, a = finished_accs(sweep, "max"), finished_accs(sweep, "avg")
     assert set(a) == set(b) == set(SEEDS)
     assert float(base["test_acc_mean"]) == pytest.approx(statistics.fmean(b.values()), abs=1e-4)
-    assert avg["paired"] == "True"
+    assert avg["test"] == "paired t" and avg["pairs"] == str(len(SEEDS))
     assert float(avg["delta"]) == pytest.approx(statistics.fmean(a[s] - b[s] for s in SEEDS), abs=1e-4)
     for row in (base, avg):
         assert float(row["ci95_low"]) <= float(row["test_acc_mean"]) <= float(row["ci95_high"])
-    assert float(avg["delta_ci95_low"]) <= float(avg["delta"]) <= float(avg["delta_ci95_high"])
-    p = float(avg["p_value"])
-    assert p == float(avg["p_holm"])  # one row compared: nothing to correct
-    assert p * 2 ** len(SEEDS) == pytest.approx(round(p * 2 ** len(SEEDS)), abs=1e-3)  # a count of sign patterns
-    assert 2 / 2 ** len(SEEDS) <= p <= 1
-    assert avg["verdict"] == "not distinguishable"  # 3 seeds cannot give p below 0.25
-    assert avg["seeds_needed"] == "inf" or int(avg["seeds_needed"]) >= 6
+    paired = scipy_stats.ttest_rel([a[s] for s in SEEDS], [b[s] for s in SEEDS])
+    ci = paired.confidence_interval(0.95)  # one row compared: nothing to adjust
+    assert float(avg["p"]) == pytest.approx(paired.pvalue, rel=1e-3) and avg["p_adjusted"] == avg["p"]
+    assert (float(avg["delta_ci_low"]), float(avg["delta_ci_high"])) == pytest.approx((ci.low, ci.high), abs=1e-3)
+    decided = ci.low > 0 or ci.high < 0
+    assert avg["verdict"].startswith("better" if ci.low > 0 else "worse") if decided else avg["verdict"] == "inconclusive"
+    assert decided or avg["seeds_needed"] == "inf" or int(avg["seeds_needed"]) > len(SEEDS)
     broken = rows["pool=avg pool.kernel_size=40"]
-    assert (broken["seeds"], broken["failed"], broken["verdict"], broken["p_value"]) == ("0", str(len(SEEDS)), "", "")
+    assert (broken["seeds"], broken["failed"], broken["verdict"], broken["p"]) == ("0", str(len(SEEDS)), "", "")
     text = (sweep / "report.md").read_text()
-    assert "(documented model)" in text and "## Failed or unfinished jobs" in text and "kernel_size=40" in text
+    assert "(documented model)" in text and "## Failed, damaged or unfinished jobs" in text and "kernel_size=40" in text
     assert "`synthetic`" in text  # the data is named next to the numbers
     assert "test accuracy is that of each job's best-validation checkpoint" in text  # test_checkpoint's default
-    assert "two-sided sign-flip test" in text and "## Main effects" in text  # a two-factor grid
+    assert "divided among the 1 row compared (Bonferroni)" in text and "## Main effects" in text  # a two-factor grid
     assert Image.open(sweep / "report.png").size[0] > 300 and Image.open(sweep / "heatmap.png").size[0] > 300
-    assert "not distinguishable" in result.stdout  # the table, printed
+    assert avg["verdict"] in result.stdout and "98.3" not in result.stdout  # the table, printed; 95 % for one row
+    jobs = list(csv.DictReader(open(sweep / "jobs.csv")))
+    assert len(jobs) == len(job_folders(sweep)) and {j["status"] for j in jobs} == {"finished", "failed"}
 
 
 def test_report_tensorboard_run_draws_seed_bands_on_a_real_server(small_sweep):

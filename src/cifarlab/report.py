@@ -5,7 +5,7 @@ the baseline and whether that difference is more than seed-to-seed noise; plots;
     cifarlab-report                                   # the newest sweep under outputs/multirun/
     cifarlab-report <sweep> --baseline "pool=avg"     # compare with another row than the documented model
 
-Writes report.md, report.csv and report.png (heatmap.png too for a two-factor grid) into the sweep folder, and a
+Writes report.md, report.csv, jobs.csv (one line per job) and report.png (heatmap.png too for a two-factor grid) into the sweep folder, and a
 TensorBoard run in <sweep>/report/ (the table, the plots, and val/acc and val/loss bands over seeds), then prints the
 table. The statistics are in stats.py.
 """
@@ -20,21 +20,25 @@ import sys
 from pathlib import Path
 
 from cifarlab import report_board, report_plot, stats
-from cifarlab.run_folder import latest
-from cifarlab.sweep_results import RECIPE, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
+from cifarlab.run_folder import FAILED, latest
+from cifarlab.sweep_results import (RECIPE, Job, Row, axes, baseline_row, collect, job_number, levels, short,
+                                    tested_checkpoints)
 
-CSV_FIELDS = ["configuration", "test_acc_mean", "test_acc_std", "ci95_low", "ci95_high", "delta", "delta_ci95_low",
-              "delta_ci95_high", "paired", "p_value", "p_holm", "verdict", "seeds_needed", "test_acc_no_tta_mean",
-              "best_val_acc_mean", "best_val_acc_std", "params", "epoch_s", "seeds", "failed"]
+CSV_FIELDS = ["configuration", "seeds", "failed", "test_acc_mean", "test_acc_std", "ci95_low", "ci95_high", "delta",
+              "delta_ci_low", "delta_ci_high", "delta_ci_level", "test", "pairs", "same_side", "p", "p_adjusted",
+              "rows_compared", "verdict", "seeds_needed", "test_acc_no_tta_mean", "best_val_acc_mean",
+              "best_val_acc_std", "params", "epoch_s"]
+JOB_FIELDS = ["configuration", "seed", "status", "counted", "test_acc", "best_val_acc", "epochs", "epoch_s", "folder",
+              "error"]
 
 
-def summarize(rows: list[Row], baseline: Row | None) -> list[dict]:
-    """One dict per row (CSV_FIELDS, accuracies in percent, plus `baseline` and `baseline_is`): what the CSV holds
-    and the table formats."""
-    diffs = {id(r): stats.compare(r.per_seed("test_acc"), baseline.per_seed("test_acc"))
+def summarize(rows: list[Row], baseline: Row | None, test: str = "t") -> list[dict]:
+    """One dict per row (CSV_FIELDS, accuracies in percent, plus `baseline`, `baseline_is`, `paired`): what the CSV
+    holds and the table formats. Every Δ is one of the m rows compared, at level 1 - α/m."""
+    base = baseline.per_seed("test_acc") if baseline is not None else {}
+    compared = [r for r in rows if r is not baseline and base and stats.testable(r.per_seed("test_acc"), base)]
+    diffs = {id(r): stats.compare(r.per_seed("test_acc"), base, max(len(compared), 1), test)
              for r in rows if baseline is not None and r is not baseline}
-    tested = [r for r in rows if diffs.get(id(r)) is not None and not math.isnan(diffs[id(r)].p)]
-    p_holm = dict(zip(map(id, tested), stats.holm([diffs[id(r)].p for r in tested])))
     out = []
     for r in rows:
         accs = list(r.per_seed("test_acc").values())  # what the tests compare: one value a seed
@@ -46,27 +50,60 @@ def summarize(rows: list[Row], baseline: Row | None) -> list[dict]:
             "baseline_is": None if r is not baseline else (
                 "the recipe itself" if RECIPE in r.key else "documented model" if r.is_documented_model() else
                 "--baseline"),
+            "seeds": len(accs),
+            "baseline_seeds": len(base),
+            "failed": len(r.failed),
             "test_acc_mean": statistics.fmean(accs) if accs else math.nan,
             "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else math.nan,
             "ci95_low": ci[0], "ci95_high": ci[1],
-            "delta": d.delta if d else math.nan, "delta_ci95_low": d.low if d else math.nan,
-            "delta_ci95_high": d.high if d else math.nan, "paired": d.paired if d else None,
-            "p_value": d.p if d else math.nan, "p_holm": p_holm.get(id(r), math.nan),
-            "verdict": "baseline" if r is baseline else stats.verdict(d, p_holm[id(r)]) if id(r) in p_holm else "",
+            "delta": d.delta if d else math.nan,
+            "delta_ci_low": d.low if d else math.nan, "delta_ci_high": d.high if d else math.nan,
+            "delta_ci_level": d.level if d and d.tested else math.nan,
+            "test": d.test if d else "", "paired": d.paired if d else None,
+            "pairs": d.n if d and d.paired else None,
+            "same_side": d.same_side if d else None,
+            "p": d.p if d else math.nan, "p_adjusted": d.p_adjusted if d else math.nan,
+            "rows_compared": len(compared) if d and d.tested else None,
+            "verdict": "baseline" if r is baseline else d.verdict if d else "",
             "seeds_needed": math.nan,
             # runs with test-time views (test_flips, test_shift): the same checkpoints scored on the images alone
             "test_acc_no_tta_mean": 100 * r.mean("test_acc_no_tta"),
             "best_val_acc_mean": 100 * r.mean("best_val_acc"), "best_val_acc_std": 100 * r.std("best_val_acc"),
             "params": int(params[0]) if params else None,
             "epoch_s": r.mean("epoch_s"),
-            "seeds": len(accs),
-            "failed": len(r.failed),
             "pruned_after": r.pruned_after,
         }
-        if s["verdict"] == "not distinguishable":  # at the level the strictest Holm step asks of one row
-            s["seeds_needed"] = stats.seeds_needed(d, stats.ALPHA / len(tested))
+        if s["verdict"] == stats.INCONCLUSIVE:  # at the level each row is tested at
+            s["seeds_needed"] = stats.seeds_needed(d, 1 - d.level, exact=test == "exact")
         out.append(s)
     return out
+
+
+def jobs_table(rows: list[Row], unplaced: list[Job]) -> list[dict]:
+    """jobs.csv: one line per job folder, so the table can be recomputed from it; `counted` marks the jobs whose
+    values the table uses (a seed run twice counts once, the later)."""
+    out = []
+    for r in rows:
+        counted = {id(j) for j in r.finished}
+        for j in sorted(r.jobs, key=lambda j: job_number(j.folder)):
+            m = j.metrics or {}
+            status = ("finished" if j.metrics else "damaged" if j.error.startswith("damaged") else "running or killed"
+                      if j.error.startswith("running") else "failed" if (j.folder / FAILED).exists() else "unfinished")
+            out.append({"configuration": r.label(), "seed": j.seed, "status": status, "counted": int(id(j) in counted),
+                        "test_acc": _percent(m.get("test_acc")), "best_val_acc": _percent(m.get("best_val_acc")),
+                        "epochs": m.get("epochs"), "epoch_s": _round(m.get("epoch_s")), "folder": j.folder.name,
+                        "error": j.error or ""})
+    out += [{"configuration": "", "status": "damaged", "counted": 0, "folder": j.folder.name, "error": j.error}
+            for j in unplaced]
+    return out
+
+
+def _percent(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 4)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def csv_row(s: dict) -> dict:
@@ -75,7 +112,7 @@ def csv_row(s: dict) -> dict:
         if v is None or isinstance(v, float) and math.isnan(v):
             return ""
         if isinstance(v, float) and math.isfinite(v):
-            return float(f"{v:.4g}") if key.startswith("p_") else round(v, 4) + 0.0  # + 0.0: no "-0.0"
+            return float(f"{v:.4g}") if key.startswith("p") else round(v, 4) + 0.0  # + 0.0: no "-0.0"
         return v  # inf (seeds needed: never), ints, strings
     return {k: cell(k, v) for k, v in s.items()}
 
@@ -84,17 +121,25 @@ def _num(x: float, fmt: str = ".2f") -> str:
     return "—" if x is None or math.isnan(x) else format(x, fmt)
 
 
+def bound(x: float, signed: bool = False) -> str:
+    """A number to 2 decimals, with more where 2 would round a non-zero value to 0.00: a printed interval excludes 0
+    exactly when the computed one does."""
+    digits = 2
+    while x != 0 and round(x, digits) == 0 and digits < 15:
+        digits += 1
+    return format(x + 0.0, f"{'+' if signed else ''}.{digits}f")
+
+
 def _interval(mean: float, low: float, high: float, signed: bool = False) -> str:
-    sign = "+" if signed else ""
     if math.isnan(mean):
         return "—"
     if math.isnan(low):  # one seed: no interval, and no ± 0.00 that would pass for a measurement
-        return format(mean, f"{sign}.2f")
-    return f"{mean:{sign}.2f} [{low:{sign}.2f}, {high:{sign}.2f}]"
+        return bound(mean, signed)
+    return f"{bound(mean, signed)} [{bound(low, signed)}, {bound(high, signed)}]"
 
 
 def _p(x: float) -> str:
-    return "—" if math.isnan(x) else "<0.001" if x < 0.001 else f"{x:.3f}"
+    return "—" if math.isnan(x) else f"{x:.1e}" if x < 0.001 else f"{x:.3f}"
 
 
 def _seeds(s: dict) -> str:
@@ -106,20 +151,34 @@ def _seeds(s: dict) -> str:
     return str(int(x))
 
 
+def level_words(summary: list[dict]) -> str:
+    """The level of the Δ intervals and the rows it is adjusted for: "98.3 % CI, 3 rows"."""
+    tested = next((s for s in summary if s["rows_compared"]), None)
+    if tested is None:
+        return f"{stats.LEVEL:.0%} CI"
+    m = tested["rows_compared"]
+    return f"{100 * tested['delta_ci_level']:.3g} % CI, {m} row{'s' if m > 1 else ''}"
+
+
 def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     tta = any(not math.isnan(s["test_acc_no_tta_mean"]) for s in summary)
-    header = ["configuration", "test acc % [95% CI]", "Δ vs baseline [95% CI]", "p (Holm)", "verdict",
-              "seeds needed", *(["without test-time views"] if tta else []), "best val acc %", "params", "s/epoch",
-              "seeds", "failed"]
+    header = ["configuration", "test acc % [95% CI]", f"Δ vs baseline [{level_words(summary)}]", "same side",
+              "p (adjusted)", "verdict", "seeds needed", *(["without test-time views"] if tta else []),
+              "best val acc %", "params", "s/epoch", "seeds", "failed"]
     body = []
     for s in summary:
-        delta = "baseline" if s["baseline"] else _interval(s["delta"], s["delta_ci95_low"], s["delta_ci95_high"], True)
+        delta = "baseline" if s["baseline"] else _interval(s["delta"], s["delta_ci_low"], s["delta_ci_high"], True)
+        if s["paired"] is False and s["test"]:
+            delta += " (unpaired)"
+        elif s["pairs"] is not None and s["pairs"] < max(s["seeds"], s["baseline_seeds"]):
+            delta += f" ({s['pairs']} pairs)"  # a job lost on one side: paired on the seeds both rows have
         body.append([
             s["configuration"] + (f" ({s['baseline_is']})" if s["baseline"] else "")
             + (f" (pruned after epoch {s['pruned_after']})" if s["pruned_after"] else ""),
             _interval(s["test_acc_mean"], s["ci95_low"], s["ci95_high"]),
-            delta + ("" if s["paired"] is not False else " (unpaired)"),
-            _p(s["p_holm"]),
+            delta,
+            f"{s['same_side']}/{s['pairs']}" if s["same_side"] is not None and s["test"] else "",
+            _p(s["p_adjusted"]),
             s["verdict"] if not s["baseline"] else "",
             _seeds(s),
             *([_num(s["test_acc_no_tta_mean"])] if tta else []),
@@ -132,8 +191,8 @@ def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def explanation(summary: list[dict], baseline: Row | None) -> list[str]:
-    """The three lines under the table: what the columns mean, or why they are empty."""
+def explanation(summary: list[dict], baseline: Row | None, test: str = "t") -> list[str]:
+    """The lines under the table: what the columns mean, or why they are empty."""
     more_seeds = "Run the same grid with more seeds (`seed=0,1,2,3,4` on the command line) to get intervals, p values "
     if any(s["configuration"].startswith("trial=") for s in summary):
         return ["Each row is one trial of an Optuna search, ranked by its best val acc (what the search maximised; "
@@ -145,22 +204,39 @@ def explanation(summary: list[dict], baseline: Row | None) -> list[str]:
     if baseline is None:
         return ["No baseline row (the documented model, or `ablate=none`) in this grid: pick one with "
                 "`cifarlab-report <sweep> --baseline \"<configuration>\"` for Δ, p and verdicts."]
-    tested = sum(1 for s in summary if not math.isnan(s["p_value"]))
+    tested = next((s["rows_compared"] for s in summary if s["rows_compared"]), 0)
     if tested == 0:
         return [f"The baseline has {baseline.done} finished seed(s), or no other row has two: no test is possible. "
                 f"{more_seeds}and verdicts."]
+    level = f"{100 * (1 - stats.ALPHA / tested):.3g} %"
     rows = f"{tested} row{'s' if tested > 1 else ''}"
-    return [
-        "- Accuracies in percent. Interval: 95% t-interval of the mean over seeds. Δ: row − baseline in points, "
-        "paired by seed where both rows ran the same seeds (else Welch, marked unpaired), with its 95% t-interval.",
-        f"- p: two-sided sign-flip test of the paired differences (label permutations when unpaired), exact up to "
-        f"{stats.PERMUTATIONS:,} patterns, Holm-corrected over the {rows} compared; verdict: better or worse where that "
-        f"p < {stats.ALPHA}. n paired seeds cannot give p below 2/2^n (0.0625 for 5), so a Δ whose interval excludes "
-        "0 can still be not distinguishable.",
-        f"- Seeds needed (rows not distinguishable): seeds per row for {stats.POWER:.0%} power to detect the observed "
-        f"Δ at the observed spread (t-test power at {stats.ALPHA}/{tested}, and enough seeds for the exact test to "
-        "reach that level).",
+    lines = [
+        "- Accuracies in percent. Test acc: the mean over seeds with its 95 % t-interval. Δ: row − baseline in points, "
+        "paired on the seeds both rows ran (a lost job costs one pair; `(n pairs)` says when not all seeds pair), "
+        "Welch's unpaired difference when fewer than two seeds are shared (marked unpaired).",
     ]
+    if test == "t":
+        lines += [
+            f"- Verdict: `better` or `worse` where the Δ interval excludes 0. The intervals are at {level}, "
+            f"{stats.ALPHA:.0%} divided among the {rows} compared (Bonferroni), so that all of them hold together "
+            f"with 95 % confidence; p: the paired t-test (Welch's when unpaired) of the same t distribution, times "
+            f"{tested} (capped at 1), below {stats.ALPHA} exactly when the interval excludes 0.",
+        ]
+    else:
+        lines += [
+            f"- Verdict (`--test exact`): `better` or `worse` where p < {stats.ALPHA}; p: the exact two-sided sign-flip "
+            f"test of the paired differences (label permutations when unpaired), exact up to {stats.PERMUTATIONS:,} "
+            f"patterns, times {tested} (Bonferroni). The Δ interval is the t-interval at {level}: n paired seeds "
+            "cannot give the exact test a p below 2/2^n (0.0625 for 5), so it can stay inconclusive while that "
+            "interval excludes 0.",
+        ]
+    lines += [
+        "- Same side: how many paired seeds fall on Δ's side of 0; a decided row whose seeds do not all agree says "
+        "`seeds disagree`.",
+        f"- Seeds needed (inconclusive rows): seeds per row with which the same test would detect the observed Δ at "
+        f"the observed spread with {stats.POWER:.0%} power at its level.",
+    ]
+    return lines
 
 
 def main_effects(rows: list[Row]) -> dict[str, list[tuple[str, float, float, float, int, str]]]:
@@ -181,18 +257,20 @@ def main_effects(rows: list[Row]) -> dict[str, list[tuple[str, float, float, flo
     return out
 
 
-def markdown(sweep: Path, rows: list[Row], summary: list[dict], baseline: Row | None) -> str:
+def markdown(sweep: Path, rows: list[Row], unplaced: list[Job], summary: list[dict], baseline: Row | None,
+             test: str = "t") -> str:
     header, body = table(summary)
     jobs = [j for r in rows for j in r.jobs]
-    sources = sorted({j.metrics["data_source"] for j in jobs if j.metrics})
-    epochs = sorted({j.metrics["epochs"] for j in jobs if j.metrics})
+    sources = sorted({str(j.metrics.get("data_source")) for j in jobs if j.metrics})
+    epochs = sorted({str(j.metrics.get("epochs")) for j in jobs if j.metrics})
     lines = [
         f"# Sweep report: {sweep.name}",
         "",
         f"- folder: `{sweep}`",
-        f"- data: {', '.join(f'`{s}`' for s in sources) or '—'}; epochs: {', '.join(map(str, epochs)) or '—'}",
-        f"- jobs: {len(jobs)} ({sum(1 for j in jobs if j.metrics)} finished, "
-        f"{sum(1 for j in jobs if not j.metrics)} failed or unfinished); rows sorted by mean "
+        f"- data: {', '.join(f'`{s}`' for s in sources) or '—'}; epochs: {', '.join(epochs) or '—'}",
+        f"- jobs: {len(jobs) + len(unplaced)} ({sum(1 for j in jobs if j.metrics)} finished, "
+        f"{sum(1 for j in jobs if not j.metrics) + len(unplaced)} failed, damaged or unfinished); one line per job in "
+        f"jobs.csv; rows sorted by mean "
         f"{'best val' if any(s['configuration'].startswith('trial=') for s in summary) else 'test'} accuracy",
         f"- test accuracy is that of each job's {tested_checkpoints(jobs)}",
         "",
@@ -200,7 +278,7 @@ def markdown(sweep: Path, rows: list[Row], summary: list[dict], baseline: Row | 
         "| " + " | ".join(["---"] + ["---:"] * (len(header) - 1)) + " |",
         *("| " + " | ".join(row) + " |" for row in body),
         "",
-        *explanation(summary, baseline),
+        *explanation(summary, baseline, test),
     ]
     if len(axes(rows)) == 2:
         lines += ["", "## Main effects", "",
@@ -211,9 +289,9 @@ def markdown(sweep: Path, rows: list[Row], summary: list[dict], baseline: Row | 
             lines += [f"| {short(axis)} | test acc % [95% CI] | seeds | cells that ran |", "| --- | ---: | ---: | ---: |"]
             lines += [f"| {level} | {_interval(m, lo, hi)} | {n} | {cells} |" for level, m, lo, hi, n, cells in levels]
             lines += [""]
-    failed = [j for j in jobs if not j.metrics]
+    failed = [j for j in jobs if not j.metrics] + unplaced
     if failed:
-        lines += ["", "## Failed or unfinished jobs", ""]
+        lines += ["", "## Failed, damaged or unfinished jobs", ""]
         lines += [f"- `{j.folder.name}`: {j.error}" for j in failed]
     lines += ["", "![accuracy per configuration](report.png)", ""]
     if len(axes(rows)) == 2:
@@ -221,17 +299,24 @@ def markdown(sweep: Path, rows: list[Row], summary: list[dict], baseline: Row | 
     return "\n".join(lines)
 
 
-def report(sweep: Path, baseline_label: str | None = None) -> tuple[list[str], list[list[str]]]:
-    """Write report.md, report.csv, the plots and the TensorBoard run; return the table (header, rows)."""
-    rows = collect(sweep)
-    baseline = baseline_row(rows, baseline_label)
-    summary = summarize(rows, baseline)
-    text = markdown(sweep, rows, summary, baseline)
-    (sweep / "report.md").write_text(text)
-    with open(sweep / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+def write_csv(path: Path, fields: list[str], lines: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(map(csv_row, summary))
+        writer.writerows(lines)
+
+
+def report(sweep: Path, baseline_label: str | None = None, test: str = "t") -> tuple[list[str], list[list[str]]]:
+    """Write report.md, report.csv, jobs.csv, the plots and the TensorBoard run; return the table (header, rows)."""
+    rows, unplaced = collect(sweep)
+    for job in [j for r in rows for j in r.jobs if j.error and j.error.startswith("damaged")] + unplaced:
+        print(f"warning: {job.folder}: {job.error}; reported as failed", file=sys.stderr)
+    baseline = baseline_row(rows, baseline_label)
+    summary = summarize(rows, baseline, test)
+    text = markdown(sweep, rows, unplaced, summary, baseline, test)
+    (sweep / "report.md").write_text(text)
+    write_csv(sweep / "report.csv", CSV_FIELDS, [csv_row(s) for s in summary])
+    write_csv(sweep / "jobs.csv", JOB_FIELDS, jobs_table(rows, unplaced))
     plots = [report_plot.seeds(rows, summary, sweep / "report.png")]
     if len(axes(rows)) == 2:
         plots.append(report_plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
@@ -246,13 +331,16 @@ def main() -> None:
                    "outputs/multirun/)")
     p.add_argument("--baseline", metavar="CONFIGURATION", help="the row every other is compared with, as the "
                    "report names it (e.g. \"pool=avg\"); default: the documented model, or ablate=none")
+    p.add_argument("--test", choices=stats.TESTS, default="t", help="t (default): the paired t-test (Welch when no "
+                   "seeds pair), whose Bonferroni-adjusted interval and verdict agree; exact: the sign-flip test, "
+                   "free of normality but unable to go below p = 2/2^n with n paired seeds (0.0625 for 5)")
     args = p.parse_args()
     args.sweep = args.sweep or latest("multirun/*/*")
     if args.sweep is None:
         raise SystemExit("error: no sweep folder under outputs/multirun/; give the folder a -m run printed")
     if not args.sweep.is_dir():
         raise SystemExit(f"error: {args.sweep}: no such folder")
-    header, body = report(args.sweep, args.baseline)
+    header, body = report(args.sweep, args.baseline, args.test)
     from rich.console import Console
     from rich.table import Table
 
@@ -262,7 +350,8 @@ def main() -> None:
     for row in body:
         t.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 200).print(t)
-    print(f"wrote {args.sweep / 'report.md'}, report.csv, the plots and a TensorBoard run in {args.sweep / 'report'}")
+    print(f"wrote {args.sweep / 'report.md'}, report.csv, jobs.csv, the plots and a TensorBoard run in "
+          f"{args.sweep / 'report'}")
 
 
 if __name__ == "__main__":

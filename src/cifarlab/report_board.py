@@ -7,6 +7,7 @@ curves."""
 from __future__ import annotations
 
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -62,7 +63,12 @@ def write_bands(report_dir: Path, rows: list[Row]) -> set[str]:
     for row in rows:
         per_metric = defaultdict(lambda: defaultdict(list))  # metric -> epoch -> [(step, value) per seed]
         for job in row.finished:
-            for metric, points in history(job).items():
+            try:
+                curves = history(job)
+            except Exception as e:  # noqa: BLE001 - a damaged event file costs its job's band, not the report
+                print(f"warning: {job.folder}: event files unreadable ({e}); left out of the bands", file=sys.stderr)
+                continue
+            for metric, points in curves.items():
                 for epoch, point in points.items():
                     per_metric[metric][epoch].append(point)
         if not per_metric:

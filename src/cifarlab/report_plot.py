@@ -15,8 +15,22 @@ import numpy as np
 
 from cifarlab.sweep_results import Row, levels, short
 
-COLOURS = {"better": "tab:green", "worse": "tab:red", "baseline": "tab:orange"}  # else grey: not distinguishable
+COLOURS = {"better": "tab:green", "worse": "tab:red", "baseline": "tab:orange"}  # else grey: inconclusive
 MARKS = {"better": "▲", "worse": "▼", "baseline": "base"}
+
+
+def decision(s: dict) -> str:
+    """better, worse or baseline (what colours and marks go by), without "; seeds disagree"; else ""."""
+    return s["verdict"].split(";")[0]
+
+
+def label(s: dict) -> str:
+    """A row's name on the plot, with its verdict and, when inconclusive, the seeds a verdict would take."""
+    if not s["verdict"]:
+        return s["configuration"]
+    needed = s["seeds_needed"]
+    more = f", {int(needed)} seeds would tell" if needed == needed and needed != float("inf") else ""
+    return f"{s['configuration']}  ({s['verdict']}{more})"
 
 
 def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
@@ -26,7 +40,7 @@ def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
     shown = [(r, s) for r, s in zip(rows, summary) if r.per_seed("test_acc")][::-1]
     fig, ax = plt.subplots(figsize=(11, 1.3 + 0.45 * max(len(shown), 1)))
     for y, (r, s) in enumerate(shown):
-        colour = COLOURS.get(s["verdict"], "tab:gray")
+        colour = COLOURS.get(decision(s), "tab:gray")
         accs = list(r.per_seed("test_acc").values())
         jitter = np.linspace(-0.15, 0.15, len(accs)) if len(accs) > 1 else [0.0]
         ax.scatter(accs, y + np.asarray(jitter), s=14, color=colour, alpha=0.5, linewidths=0)
@@ -39,8 +53,7 @@ def seeds(rows: list[Row], summary: list[dict], path: Path) -> Path:
             if not math.isnan(s["ci95_low"]):
                 ax.axvspan(s["ci95_low"], s["ci95_high"], color=COLOURS["baseline"], alpha=0.12, linewidth=0)
             ax.axvline(s["test_acc_mean"], color=COLOURS["baseline"], linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(shown)), [s["configuration"] + (f"  ({s['verdict']})" if s["verdict"] else "")
-                                      for _, s in shown])
+    ax.set_yticks(range(len(shown)), [label(s) for _, s in shown])
     ax.set_xlabel("test accuracy %  (dots: seeds; ◆ and bar: mean and 95% interval; band: the baseline's)")
     ax.set_title(path.parent.name)
     ax.grid(axis="x", alpha=0.3)
@@ -60,7 +73,7 @@ def cells(rows: list[Row], summary: list[dict], grid_axes: list[str]) -> tuple[l
         cell = ys.index(dict(r.key)[a]), xs.index(dict(r.key)[b])
         if r.done:
             grid[cell] = s["test_acc_mean"]
-        marks[cell] = MARKS.get(s["verdict"], "")
+        marks[cell] = MARKS.get(decision(s), "")
     return ys, xs, grid, marks
 
 
@@ -81,7 +94,7 @@ def heatmap(rows: list[Row], summary: list[dict], grid_axes: list[str], path: Pa
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, linewidth=2,
                                        edgecolor=COLOURS[next(k for k, m in MARKS.items() if m == marks[i, j])]))
     fig.colorbar(im, ax=ax, label="test accuracy % (mean over seeds)")
-    ax.set_title(f"{path.parent.name}: ▲/▼ better/worse than base (Holm-corrected 5%)", fontsize=9)
+    ax.set_title(f"{path.parent.name}: ▲/▼ better/worse than base (5 % over the cells compared)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

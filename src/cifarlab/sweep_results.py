@@ -23,7 +23,7 @@ IGNORED_KEYS = ("seed", "hydra.", "launcher", "sweep", "threads", "hparams_searc
 @dataclass
 class Job:
     folder: Path
-    key: tuple[tuple[str, str], ...]  # the overrides that place it in the grid, seed excluded
+    key: tuple[tuple[str, str], ...] | None  # the overrides that place it in the grid, seed excluded; None: unreadable
     seed: int | None
     metrics: dict | None = None
     error: str | None = None
@@ -77,7 +77,7 @@ class Row:
     @property
     def pruned_after(self) -> int | None:
         """A search trial that its pruner stopped: the epoch it stopped after (metrics.json); None otherwise."""
-        return next((j.metrics["epochs"] for j in self.finished if j.metrics.get("pruned")), None)
+        return next((j.metrics.get("epochs") for j in self.finished if j.metrics.get("pruned")), None)
 
 
 def readable(value: str) -> str:
@@ -105,39 +105,80 @@ def job_number(folder: Path) -> tuple[int, str]:
     return (int(head) if head.isdigit() else 1 << 30, folder.name)
 
 
+NUMBERS = ("test_acc", "test_acc_no_tta", "best_val_acc", "epoch_s", "params", "epochs")  # what the report reads
+
+
+def _metrics(folder: Path) -> dict:
+    """metrics.json, checked for what the report reads from it: a damaged file raises ValueError naming the field."""
+    metrics = json.loads((folder / FINISHED).read_text())
+    if not isinstance(metrics, dict):
+        raise ValueError(f"not a JSON object but {type(metrics).__name__}")
+    for name in NUMBERS:
+        value = metrics.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{name}: {value!r} is not a number")
+    if not isinstance(metrics.get("choices", {}), dict) or not isinstance(metrics.get("overrides", []), list):
+        raise ValueError("choices or overrides: not what cifarlab-train writes")
+    return metrics
+
+
 def read_job(folder: Path) -> Job | None:
-    """A job folder: one with metrics.json (finished), failed.json (raised), or .hydra/ only (never finished)."""
+    """A job folder: one with metrics.json (finished), failed.json (raised), or .hydra/ only (never finished). A file
+    that cannot be read makes the job failed, with the file and what is wrong with it as its error; a job whose
+    place in the grid cannot be read at all keeps the key None (the report lists it apart)."""
     if not (folder / ".hydra").is_dir():
         return None
-    metrics = json.loads((folder / FINISHED).read_text()) if (folder / FINISHED).exists() else None
-    if metrics is not None:
-        overrides = metrics.get("overrides", [])
-    else:
-        overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+    metrics, error = None, None
+    if (folder / FINISHED).exists():
+        try:
+            metrics = _metrics(folder)
+        except (OSError, ValueError) as e:  # json's decode error is a ValueError
+            error = f"damaged {FINISHED}: {_first_line(e)}"
+    try:
+        overrides = [str(o) for o in (metrics["overrides"] if metrics and "overrides" in metrics
+                                      else OmegaConf.load(folder / ".hydra" / "overrides.yaml"))]
+    except Exception as e:  # noqa: BLE001 - OmegaConf and YAML raise their own kinds; the job is damaged either way
+        return Job(folder, None, None, None, error or f"damaged .hydra/overrides.yaml: {_first_line(e)}")
     pairs = [_override(o) for o in overrides]
-    seed = next((int(v) for k, v in pairs if k == "seed"), metrics.get("seed") if metrics else None)
+    try:
+        seed = next((int(v) for k, v in pairs if k == "seed"), metrics.get("seed") if metrics else None)
+    except ValueError:
+        return Job(folder, None, None, None, f"damaged: seed is not a number in {overrides}")
     key = tuple((k, v) for k, v in pairs if not k.startswith(IGNORED_KEYS))  # in the grid's own axis order
-    error = None
-    if metrics is None and (folder / FAILED).exists():
-        error = json.loads((folder / FAILED).read_text())["error"]
-    elif metrics is None:  # a job still running (its lock says where), or one killed before it could say so
+    if metrics is None and error is None:
+        error = _unfinished(folder)
+    return Job(folder, key, seed, metrics, error, metrics.get("choices", {}) if metrics else choices_of(folder))
+
+
+def _unfinished(folder: Path) -> str:
+    """Why a job has no metrics.json: its failed.json, its lock (still running, or killed), or nothing at all."""
+    try:
+        if (folder / FAILED).exists():
+            return str(json.loads((folder / FAILED).read_text())["error"])
         lock = folder / RUNNING
-        error = f"running, or killed ({lock.read_text().strip()})" if lock.exists() else "did not finish"
-    return Job(folder, key, seed, metrics, error, metrics["choices"] if metrics else choices_of(folder))
+        return f"running, or killed ({lock.read_text().strip()})" if lock.exists() else "did not finish"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"damaged {FAILED}: {_first_line(e)}"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def choices_of(folder: Path) -> dict[str, str]:
     """The layer choices of a job that did not finish, from the Hydra config it started with."""
     path = folder / ".hydra" / "hydra.yaml"
-    if not path.exists():
+    try:
+        choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices)
+        return {k.removeprefix("model/"): v for k, v in choices.items() if k.startswith("model/")}
+    except Exception:  # noqa: BLE001 - missing or damaged: the job's layer choices are unknown, nothing more
         return {}
-    choices = OmegaConf.to_container(OmegaConf.load(path).hydra.runtime.choices)
-    return {k.removeprefix("model/"): v for k, v in choices.items() if k.startswith("model/")}
 
 
 def tested_checkpoints(jobs: list[Job]) -> str:
     """Which checkpoint the finished jobs' test figures score, in words (metrics.json's tested_checkpoint)."""
-    kinds = {j.metrics["tested_checkpoint"] for j in jobs if j.metrics}
+    kinds = {j.metrics.get("tested_checkpoint") for j in jobs if j.metrics}
     if kinds == {"last"}:
         return "last checkpoint (test_checkpoint=last: the weights training ended with)"
     if kinds == {"best", "last"}:
@@ -145,10 +186,12 @@ def tested_checkpoints(jobs: list[Job]) -> str:
     return "best-validation checkpoint"
 
 
-def collect(sweep: Path) -> list[Row]:
-    jobs = [j for f in sorted(sweep.iterdir(), key=job_number) if f.is_dir() and (j := read_job(f))]
-    if not jobs:
+def collect(sweep: Path) -> tuple[list[Row], list[Job]]:
+    """The rows of the grid, and the jobs that cannot be placed in it (their overrides unreadable)."""
+    found = [j for f in sorted(sweep.iterdir(), key=job_number) if f.is_dir() and (j := read_job(f))]
+    if not found:
         raise SystemExit(f"error: {sweep}: no job folders (folders holding .hydra/) found")
+    jobs = [j for j in found if j.key is not None]
     # Keep only the overrides that differ between jobs: those are the grid's axes, in the order the grid names them;
     # a job that did not set one (run by hand into the folder) holds the config's default there.
     keys = dict.fromkeys(k for j in jobs for k, _ in j.key)
@@ -159,7 +202,8 @@ def collect(sweep: Path) -> list[Row]:
         rows.setdefault(j.key, Row(j.key)).jobs.append(j)
     # A search's trials rank by what it maximised (val/acc): choosing by the test set would overstate the winner.
     rank_by = "best_val_acc" if any(j.metrics and "trial" in j.metrics for j in jobs) else "test_acc"
-    return sorted(rows.values(), key=lambda r: (-r.mean(rank_by) if r.values(rank_by) else math.inf, r.label()))
+    ranked = sorted(rows.values(), key=lambda r: (-r.mean(rank_by) if r.values(rank_by) else math.inf, r.label()))
+    return ranked, [j for j in found if j.key is None]
 
 
 def levels(rows: list[Row], axis: str) -> list[str]:
