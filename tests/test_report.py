@@ -202,6 +202,17 @@ def test_a_damaged_job_is_named_and_the_rest_reported(tmp_path, two_factors, cap
     assert rows["pool=avg activation=none"]["seeds"] == str(len(SEEDS) - 1)
 
 
+def test_a_sweep_whose_only_job_is_unreadable_still_gets_a_report_naming_it(tmp_path):
+    grid(tmp_path, {("max", "none"): {0: 60.0}})
+    folder = next(tmp_path.glob("000_*"))
+    (folder / "metrics.json").write_text("[1, 2")
+    (folder / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    report.report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "No job of this sweep could be read" in text and f"- `{folder.name}`: damaged metrics.json: " in text
+    assert list(csv.DictReader(open(tmp_path / "jobs.csv")))[0]["status"] == "damaged"
+
+
 def test_the_exact_test_is_an_option_and_says_its_floor(two_factors, monkeypatch, capsys):
     sweep, _ = two_factors
     monkeypatch.setattr(sys, "argv", ["cifarlab-report", str(sweep), "--test", "exact"])

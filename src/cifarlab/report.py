@@ -194,6 +194,8 @@ def table(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
 def explanation(summary: list[dict], baseline: Row | None, test: str = "t") -> list[str]:
     """The lines under the table: what the columns mean, or why they are empty."""
     more_seeds = "Run the same grid with more seeds (`seed=0,1,2,3,4` on the command line) to get intervals, p values "
+    if not summary:
+        return ["No job of this sweep could be read: each is named below with what is wrong with it."]
     if any(s["configuration"].startswith("trial=") for s in summary):
         return ["Each row is one trial of an Optuna search, ranked by its best val acc (what the search maximised; "
                 "ranking by test accuracy would overstate the winner). A pruned trial stopped after the epoch shown "
