@@ -3,6 +3,7 @@
 
   bare       a plain PyTorch loop over pre-loaded device tensors: the same model, batch size, precision and memory
              format as cifarlab, no augmentation, no Lightning, no logging. The limit.
+  bare-fp32  the same loop in float32 (trainer.precision=32-true): what bf16 autocast gains, where `auto` picks it.
   cifarlab   the real pipeline: cifarlab.train.run() with the default config (Lightning, augmentation on the
              device, TensorBoard logging and the inspection callbacks), on the same data.
   tutorial   the seed tutorial's recipe: torchvision.datasets.CIFAR10 with ToTensor, DataLoader(batch_size=64,
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("bare", "cifarlab", "tutorial")
+METHODS = ("bare", "bare-fp32", "cifarlab", "tutorial")
 
 
 def device_name(device: torch.device) -> str:
@@ -101,7 +102,7 @@ class BareLoop:
         self.model = build.network(cfg.model).to(device, memory_format=fmt)
         if cfg.compile:
             self.model.compile()
-        precision = prepare.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+        precision = prepare.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))[0]
         self.autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is torch.float16)
         self.optimizer = build.optimizer(cfg.optimizer)(self.model.parameters())
@@ -309,6 +310,8 @@ def main() -> None:
 
     run = {
         "bare": lambda: bare(cfg, arrays, device, epochs, max_batches),
+        "bare-fp32": lambda: bare(compose([*overrides, "trainer.precision=32-true"]), arrays, device, epochs,
+                                  max_batches),
         "cifarlab": lambda: cifarlab(overrides, epochs, max_batches, device),
         "tutorial": lambda: tutorial(args.data_root, device, epochs, max_batches),
     }
@@ -327,7 +330,8 @@ def main() -> None:
     results = {name: merge_rounds(rs) for name, rs in rounds.items()}
     rate = lambda name: results[name]["train_img_per_s"]  # noqa: E731
     ratios = {f"{a}/{b}": rate(a) / rate(b) for a, b in
-              [("cifarlab", "bare"), ("cifarlab", "tutorial"), ("bare+compile", "bare"),
+              [("cifarlab", "bare"), ("cifarlab", "bare-fp32"), ("bare", "bare-fp32"), ("cifarlab", "tutorial"),
+               ("bare+compile", "bare"),
                ("cifarlab+compile", "cifarlab")] if a in results and b in results}
     if args.rounds > 1:  # each round's own ratios: how far one round can be trusted on this machine
         for name, r in results.items():
@@ -343,7 +347,7 @@ def main() -> None:
         "epochs": epochs,
         "rounds": args.rounds,
         "data_source": arrays.source,
-        "precision": prepare.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator)),
+        "precision": prepare.training_precision(str(cfg.trainer.precision), str(cfg.trainer.accelerator))[0],
         "channels_last": bool(cfg.channels_last),
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),  # huge CPU pages: cifarlab sets "1"
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),  # numpy's BLAS threads: cifarlab sets "1"

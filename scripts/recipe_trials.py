@@ -40,11 +40,11 @@ def parse_seeds(text: str) -> list[int]:
 
 def score(run_dir: Path, ckpt: Path) -> float:
     """Test accuracy of a run's checkpoint with the run's own test-time views (cifarlab-eval's scoring)."""
-    from cifarlab.evaluate import run_config
+    from cifarlab.evaluate import run_config, run_precision
     from cifarlab.evaluate import score as evaluate
 
     cfg = run_config(run_dir, None)
-    return evaluate(cfg, ckpt, bool(cfg.test_flips), int(cfg.test_shift))["test_acc"]
+    return evaluate(cfg, ckpt, bool(cfg.test_flips), int(cfg.test_shift), run_precision(run_dir, cfg))["test_acc"]
 
 
 def main() -> None:

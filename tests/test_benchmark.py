@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from cifarlab import prepare
 from conftest import REPO
 
 pytestmark = pytest.mark.slow  # tools that measure (scripts/), not the product: make test ARGS="-m slow" runs them
@@ -29,7 +30,7 @@ def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, s
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"].startswith(("CPU: ", "NVIDIA")) and report["quick"] is True
-    assert set(report["results"]) == {"bare", "cifarlab", "tutorial"}
+    assert set(report["results"]) == {"bare", "bare-fp32", "cifarlab", "tutorial"}
     for name, r in report["results"].items():
         assert r["train_img_per_s"] > 0 and r["eval_img_per_s"] > 0 and r["peak_mem_mib"] > 0, name
         assert len(r["train_img_per_s_by_epoch"]) == report["epochs"] == 2
@@ -37,11 +38,14 @@ def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, s
     assert report["results"]["bare"]["batch_size"] == report["results"]["cifarlab"]["batch_size"] == 256
     r = report["results"]
     assert report["ratios"]["cifarlab/bare"] == pytest.approx(r["cifarlab"]["train_img_per_s"] / r["bare"]["train_img_per_s"])
+    assert report["ratios"]["cifarlab/bare-fp32"] == pytest.approx(
+        r["cifarlab"]["train_img_per_s"] / r["bare-fp32"]["train_img_per_s"])
     assert report["ratios"]["cifarlab/tutorial"] == pytest.approx(
         r["cifarlab"]["train_img_per_s"] / r["tutorial"]["train_img_per_s"])
-    for name in ("| bare |", "| cifarlab |", "| tutorial |", "cifarlab/bare = "):
+    for name in ("| bare |", "| bare-fp32 |", "| cifarlab |", "| tutorial |", "cifarlab/bare = "):
         assert name in result.stdout
-    assert report["precision"] == "32-true" and report["channels_last"] is True  # the default config, on a CPU
+    # the default config: bf16 autocast where the CPU computes bf16 (bare-fp32 is its float32 twin)
+    assert report["precision"] == prepare.training_precision("auto", "cpu")[0] and report["channels_last"] is True
 
 
 def test_quick_time_to_accuracy_times_the_tutorial_and_stops_cifarlab_at_the_target(tmp_path, subset_root):
@@ -137,7 +141,7 @@ def test_rounds_merge_into_medians_over_every_timed_epoch_and_the_first_rounds_p
 def test_benchmark_refuses_an_unknown_method_by_name(tmp_path, subset_root):
     result = _script("benchmark.py", "--methods", "bare,lightning", "--data-root", str(subset_root), cwd=tmp_path)
     assert result.returncode == 2
-    assert "--methods bare,lightning: lightning unknown; choose from bare, cifarlab, tutorial" in result.stderr
+    assert "--methods bare,lightning: lightning unknown; choose from bare, bare-fp32, cifarlab, tutorial" in result.stderr
 
 
 def test_repeat_dataset_writes_a_full_size_folder_of_the_same_images(tmp_path, subset_root):
@@ -213,3 +217,20 @@ def test_webp_parts_pack_and_unpack_give_back_the_same_images_labels_and_names(t
         with open(folder / name, "rb") as f:
             after = pickle.load(f, encoding="latin1")
         assert after["filenames"] == before["filenames"] and after["batch_label"] == before["batch_label"]
+
+
+def test_layer_speed_times_each_option_in_fp32_and_bf16_and_names_the_slower_ones(tmp_path, subset_root):
+    out = tmp_path / "layers.json"
+    result = _script("layer_speed.py", "--data-root", str(subset_root), "--steps", "1", "--rounds", "2", "--only",
+                     "pool=blurmax,activation=prelu_channels,experiment=best", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"pool=blurmax", "activation=prelu_channels", "experiment=best"}
+    for name, r in report["results"].items():
+        assert len(r["rounds"]["32-true"]) == len(r["rounds"]["bf16-mixed"]) == 2
+        assert r["ratio"] == pytest.approx(r["bf16_img_per_s"] / r["fp32_img_per_s"], abs=2e-3)
+        assert f"| {name} | " in result.stdout
+    slower = [n for n, r in report["results"].items() if r["ratio"] < 1]
+    assert f"slower in bf16: {', '.join(slower) or 'none'}" in result.stdout
+    refused = _script("layer_speed.py", "--data-root", str(subset_root), "--only", "pool=mean", cwd=tmp_path)
+    assert refused.returncode == 2 and "--only pool=mean: no such option; choose from pool=avg" in refused.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from omegaconf import OmegaConf
 
-from cifarlab.evaluate import checkpoint_file, run_config, score, views
+from cifarlab.evaluate import checkpoint_file, run_config, run_precision, score, views
 from conftest import compose_config, read_metrics, run_cli
 
 EVAL = Path(sys.executable).parent / "cifarlab-eval"
@@ -33,6 +33,7 @@ def test_scores_a_run_as_it_was_tested_and_never_overwrites_an_earlier_eval(subs
     # the same checkpoint, config and images as the run's own test: the same accuracy, to one image
     assert report["test_acc_no_tta"] == pytest.approx(read_metrics(run_dir)["test_acc"], abs=1.01 / n_test)
     assert report["views"] == {"flips": True, "shift": 1}  # the run had none: scored with views as well
+    assert report["precision"] == read_metrics(run_dir)["precision"]  # bf16 autocast where the run tested in it
     assert Path(report["checkpoint"]).name == "best.ckpt" and len(report["per_class"]) == 10
     assert sum(report["per_class_no_tta"].values()) / 10 == pytest.approx(report["test_acc_no_tta"], abs=0.05)
     assert f"test/acc {report['test_acc']:.4f} with test-time views" in result.stdout
@@ -79,7 +80,7 @@ def test_a_run_with_test_time_views_is_scored_with_them_and_without(tmp_path):
     own = OmegaConf.merge(cfg, {"test_shift": 0})  # a run with flips alone is scored with flips alone
     none = OmegaConf.merge(cfg, {"test_shift": 0, "test_flips": False})  # a run with no views: flips and 1 px
     assert views(own, None, None) == (True, 0) and views(none, None, None) == (True, 1)
-    report = score(cfg, checkpoint_file(run_dir, None), *views(cfg, None, None))
+    report = score(cfg, checkpoint_file(run_dir, None), *views(cfg, None, None), run_precision(run_dir, cfg))
     assert report["views"] == {"flips": True, "shift": 1} and report["data_source"] == "synthetic"
     n_test = report["n_test"]
     assert report["test_acc"] == pytest.approx(metrics["test_acc"], abs=1.01 / n_test)
@@ -100,7 +101,8 @@ def test_test_checkpoint_last_tests_the_final_weights_and_eval_follows(tmp_path)
     scores = {}
     for which in ("best", "last", None):  # in this process: cifarlab-eval's own functions, without its start-up
         ckpt = checkpoint_file(run_dir, which)
-        scores[which] = (ckpt.name, score(run_config(run_dir, None), ckpt, flips=False, shift=0)["test_acc"])
+        cfg = run_config(run_dir, None)
+        scores[which] = (ckpt.name, score(cfg, ckpt, False, 0, run_precision(run_dir, cfg))["test_acc"])
     n_test = 1000  # data=synthetic's test set
     assert scores["last"][0] == "last.ckpt" and scores["best"][0] == "best.ckpt"
     assert scores[None] == scores["last"]  # by default the checkpoint the run's own test scored

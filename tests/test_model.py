@@ -198,6 +198,21 @@ def test_blurmax_is_a_binomial_blur_of_the_stride_1_max_map():
     assert not list(pool.parameters()) and not pool.state_dict()  # nothing learned, nothing in checkpoints
 
 
+def test_blurmax_blurs_in_float32_under_the_cpus_bf16_autocast_and_gives_its_gradient():
+    """bf16 autocast on a CPU: the depthwise blur runs in float32 (8x faster there than in bf16), on the bf16 max map
+    that autocast's convs hand it; outside autocast nothing changes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 16, 16).bfloat16().requires_grad_()
+    pool = BlurMaxPool2d(kernel_size=3, stride=2, padding=1, blur_size=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pool(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, pool(x.detach().float()), rtol=0, atol=0)  # the max of bf16 values is exact
+    out.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    assert pool(x.detach()).dtype == torch.bfloat16  # a bf16 tensor outside autocast: computed as given
+
+
 def test_blurmax_is_less_moved_by_a_one_pixel_shift_than_max_pooling():
     """The point of the blur (Zhang 2019): shifting the input by 1 px changes the stride-2 pooled map less."""
     torch.manual_seed(0)

@@ -20,9 +20,11 @@ from cifarlab import checkpoint, prepare, run_folder, train
 from conftest import CLI, compose_config, read_metrics, run_cli
 
 # Dropout and RReLU draw from the global RNG every step, so equal results need the RNG restored too. Logging every
-# step makes the event file grow during an epoch, so a kill can be timed after events were written.
+# step makes the event file grow during an epoch, so a kill can be timed after events were written. bf16 autocast,
+# as `auto` picks on a CPU that computes bf16 (and emulated on one that does not): exact resume must hold there too.
 RUN = ["data=synthetic", "data.n_train=3000", "data.batch_size=128", "trainer.max_epochs=3",
-       "trainer.log_every_n_steps=1", "model/dropout=dropout", "model/activation=rrelu"]
+       "trainer.log_every_n_steps=1", "model/dropout=dropout", "model/activation=rrelu", "model/pool=blurmax",
+       "trainer.precision=bf16-mixed"]
 TIMING = ("time/", "hparams/epoch_s")  # wall-clock figures: the only values allowed to differ
 
 
@@ -71,6 +73,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def assert_same_run(resumed: Path, reference: Path) -> None:
     got, want = read_metrics(resumed), read_metrics(reference)
+    assert got["precision"] == want["precision"] == "bf16-mixed"
     for key in ("test_acc", "test_loss", "best_val_acc", "best_checkpoint", "epochs", "steps", "n_train", "choices"):
         assert got[key] == want[key], (key, got[key], want[key])
     assert got["resumed"] is True and want["resumed"] is False

@@ -21,17 +21,26 @@ from cifarlab.module import CifarModule
 from conftest import REPO, compose_config, read_metrics
 
 
-def test_precision_auto_is_fp32_on_a_cpu_and_bf16_mixed_on_a_gpu_that_has_bf16(monkeypatch):
+def test_precision_auto_is_bf16_where_the_cpu_computes_it_and_on_a_gpu_that_has_it(monkeypatch):
     assert compose_config().trainer.precision == "auto"
-    assert prepare.training_precision("auto", "cpu") == "32-true"
-    assert prepare.training_precision("16-mixed", "auto") == "16-mixed"  # an explicit choice is kept
+    features = dict(torch.cpu.get_capabilities())
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
+    for native in ({"avx512_bf16": True}, {"amx_bf16": True, "avx512_bf16": True}):
+        features.update({"avx512_bf16": False, "amx_bf16": False, **native})
+        precision, why = prepare.training_precision("auto", "cpu")
+        assert precision == "bf16-mixed" and why == f"auto: the CPU computes bf16 ({next(iter(native))})"
+    features.update(avx512_bf16=False, amx_bf16=False)  # AVX2 or plain AVX-512: autocast would only add casts
+    assert prepare.training_precision("auto", "cpu") == ("32-true", "auto: the CPU has no bf16 units (no avx512_bf16 "
+                                                                     "or amx_bf16)")
+    assert prepare.training_precision("32-true", "cpu")[0] == "32-true"  # an explicit choice is kept
+    assert prepare.training_precision("16-mixed", "auto")[0] == "16-mixed"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert prepare.training_precision("auto", "auto") == "bf16-mixed"
-    assert prepare.training_precision("auto", "gpu") == "bf16-mixed"
-    assert prepare.training_precision("auto", "cpu") == "32-true"  # accelerator=cpu on a GPU machine
+    assert prepare.training_precision("auto", "auto")[0] == "bf16-mixed"
+    assert prepare.training_precision("auto", "gpu")[0] == "bf16-mixed"
+    assert prepare.training_precision("auto", "cpu")[0] == "32-true"  # accelerator=cpu on a GPU machine, no bf16 CPU
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere
-    assert prepare.training_precision("auto", "auto") == "16-mixed"
+    assert prepare.training_precision("auto", "auto")[0] == "16-mixed"
 
 
 @pytest.mark.parametrize("optimizer,rule", [("adamw", math.sqrt), ("sgd", lambda r: r)])
@@ -127,7 +136,8 @@ def test_compiled_run_trains_logs_its_graph_and_saves_plain_checkpoints(tmp_path
     graph = EventAccumulator(str(tmp_path)).Reload().Graph()  # traced from the eager module (jit.trace can't compiled)
     assert any(node.op == "aten::_convolution" for node in graph.node)
     assert 0 <= metrics["test_acc_no_tta"] <= 1 and 0 <= metrics["test_acc"] <= 1
-    assert metrics["compile"] is True and metrics["channels_last"] is True and metrics["precision"] == "32-true"
+    assert metrics["compile"] is True and metrics["channels_last"] is True
+    assert metrics["precision"] == prepare.training_precision("auto", "cpu")[0]
     assert metrics["steps"] == 6 and read_metrics(tmp_path)["compile"] is True
     state = torch.load(tmp_path / metrics["best_checkpoint"], weights_only=True)["state_dict"]
     assert "model.stage1.conv.weight" in state and not any("_orig_mod" in k for k in state)
@@ -238,7 +248,7 @@ def test_train_accuracy_is_the_accuracy_of_the_epochs_own_batches(tmp_path):
     again.model.load_state_dict(initial)
     again.model.train()  # as in training (no dropout or BatchNorm in the default model, so mode changes nothing)
     correct = total = 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=again.precision == "bf16-mixed"):
         for x, y in again.datamodule.train_dataloader():
             correct += int((again.model(x).argmax(1) == y).sum())
             total += len(y)

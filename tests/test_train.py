@@ -55,6 +55,16 @@ def test_reaches_clearly_above_chance_on_the_exact_subset(subset_run):
     assert metrics["best_val_acc"] >= 0.30, metrics
 
 
+def test_the_run_says_which_precision_auto_chose_first_and_in_metrics(subset_run):
+    run_dir, result, _ = subset_run
+    precision, why = prepare.training_precision("auto", "cpu")
+    lines = (result.stdout + result.stderr).splitlines()
+    said = next(i for i, line in enumerate(lines) if f"precision: {precision} ({why})" in line)
+    assert said < next(i for i, line in enumerate(lines) if "epoch 1/" in line)  # before training starts
+    metrics = read_metrics(run_dir)
+    assert metrics["precision"] == precision and metrics["cpu_bf16"] == prepare.cpu_bf16()
+
+
 def test_last_lines_printed_are_test_accuracy_and_where_the_logs_are(subset_run):
     run_dir, result, _ = subset_run
     last = result.stdout.strip().splitlines()[-2:]
@@ -80,7 +90,8 @@ def test_event_files_hold_every_metric(subset_run):
 
 
 def test_test_accuracy_is_the_best_checkpoints(subset_run, subset_root):
-    """Reload best.ckpt into a freshly built model and score the test set: the figure metrics.json reports."""
+    """Reload best.ckpt into a freshly built model and score the test set in the run's precision (bf16 autocast where
+    `auto` picked it): the figure metrics.json reports."""
     run_dir, _, args = subset_run
     cfg = compose_config(*args[:2])
     model = build.network(cfg.model).eval()
@@ -89,9 +100,10 @@ def test_test_accuracy_is_the_best_checkpoints(subset_run, subset_root):
     arrays = cifar10.load_cifar10(subset_root, download=False)
     dm = datamodule.CifarDataModule(arrays, batches.val_count(cfg.data.val_size, len(arrays.train_y)),
                                     cfg.data.split_seed, 256, 1000, True, False, 0, 0)
-    with torch.no_grad():
+    metrics = read_metrics(run_dir)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=metrics["precision"] == "bf16-mixed"):
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in dm.test_dataloader())
-    assert correct / len(arrays.test_y) == pytest.approx(read_metrics(run_dir)["test_acc"], abs=1e-6)
+    assert correct / len(arrays.test_y) == pytest.approx(metrics["test_acc"], abs=1e-6)
 
 
 def test_a_finished_run_folder_is_never_overwritten(subset_run, tmp_path):
@@ -113,14 +125,17 @@ def test_a_folder_in_use_by_another_run_is_refused(tmp_path, subset_root):
     assert not (run_dir / "checkpoints").exists()
 
 
-def test_same_config_and_seed_give_the_same_metrics(tmp_path, subset_root):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_same_config_and_seed_give_the_same_metrics(tmp_path, subset_root, precision):
     common = [f"data.root={subset_root}", "trainer.max_epochs=2", "trainer.limit_train_batches=6", "seed=7",
-              "model/activation=rrelu", "model/dropout=dropout"]  # random layers too
+              "model/activation=rrelu", "model/dropout=dropout", "model/pool=blurmax",  # random layers too
+              f"trainer.precision={precision}"]
     runs = []
     for name in ("a", "b"):
         result = run_cli(*common, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         runs.append(read_metrics(tmp_path / name))
+    assert runs[0]["precision"] == precision
     for key in ("test_acc", "test_loss", "best_val_acc"):
         assert runs[0][key] == runs[1][key], key
 

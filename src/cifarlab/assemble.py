@@ -44,6 +44,7 @@ class Prepared:
     summary: EpochSummary
     choices: dict[str, Any]
     precision: str
+    precision_why: str  # what trainer.precision=auto decided by, or the setting itself; the run's first lines say it
     sha: str
 
 
@@ -57,7 +58,7 @@ def instantiated(node: DictConfig, key: str, **kwargs: Any) -> Any:
 
 
 def assemble(cfg: DictConfig, run_dir: Path, started: float, model: nn.Module, optimizer: Callable, scheduler: Callable | None,
-             arrays: CifarArrays, n_val: int, choices: dict[str, Any], sha: str, precision: str,
+             arrays: CifarArrays, n_val: int, choices: dict[str, Any], sha: str, precision: tuple[str, str],
              extra_callbacks: Sequence[L.Callback] = ()) -> Prepared:
     datamodule = CifarDataModule(arrays, n_val=n_val, split_seed=cfg.data.split_seed, batch_size=cfg.data.batch_size,
                                  eval_batch_size=cfg.data.eval_batch_size, normalize=cfg.data.normalize,
@@ -72,7 +73,8 @@ def assemble(cfg: DictConfig, run_dir: Path, started: float, model: nn.Module, o
     callbacks += [summary, StopOnNonFiniteLoss(), *extra_callbacks, ResumePoint(sha)]
     loggers = [instantiated(node, f"logger.{name}", save_dir=str(run_dir))
                for name, node in cfg.logger.items() if node is not None]
-    trainer = instantiated(cfg.trainer, "trainer", precision=precision, logger=loggers, callbacks=callbacks,
+    trainer = instantiated(cfg.trainer, "trainer", precision=precision[0], logger=loggers, callbacks=callbacks,
                            default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     return Prepared(cfg=cfg, started=started, model=model, arrays=arrays, datamodule=datamodule, module=module,
-                    trainer=trainer, summary=summary, choices=choices, precision=precision, sha=sha)
+                    trainer=trainer, summary=summary, choices=choices, precision=precision[0],
+                    precision_why=precision[1], sha=sha)

@@ -8,7 +8,7 @@
 The run's own config decides the model, the normalisation (from the training split of the folder scored) and, unless
 --flips/--no-flips/--shift say otherwise, the test-time views (a run that had none is scored with flips and a 1 px
 shift as well). Prints the accuracies and writes eval.json into the run folder (eval-2.json, ... when one is there).
-On a GPU it scores in bf16 autocast, as a run there tests; on a CPU in float32.
+It scores in the precision the run tested in (metrics.json's; bf16 autocast where `auto` chose it).
 """
 
 from __future__ import annotations
@@ -51,8 +51,19 @@ def run_config(run_dir: Path, data_root: str | None) -> DictConfig:
     return cfg
 
 
-def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int) -> dict[str, Any]:
-    """Accuracy (and per class) with the views (flips, shift) and on the images alone, of ckpt on cfg's test split."""
+def run_precision(run_dir: Path, cfg: DictConfig) -> str:
+    """The precision the run tested in: metrics.json's, or for a run that has not finished, what its config picks
+    on this machine."""
+    from cifarlab import prepare
+
+    metrics = json.loads((run_dir / FINISHED).read_text()) if (run_dir / FINISHED).exists() else {}
+    return metrics.get("precision") or prepare.training_precision(str(cfg.trainer.get("precision", "auto")),
+                                                                  str(cfg.trainer.accelerator))[0]
+
+
+def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int, precision: str) -> dict[str, Any]:
+    """Accuracy (and per class) with the views (flips, shift) and on the images alone, of ckpt on cfg's test split,
+    under the autocast of `precision` (a Lightning precision name)."""
     import torch
 
     from cifarlab import build, checkpoint, prepare
@@ -69,7 +80,8 @@ def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int) -> dict[str, Any
     module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=flips, test_shift=shift)
     module = module.to(device, memory_format=module.memory_format).eval()
     with_views, alone, labels = [], [], []
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for x, y in dm.test_dataloader():
             logits, single = module.tta_logits(x.to(device))
             with_views.append(logits.argmax(1).cpu()), alone.append(single.argmax(1).cpu()), labels.append(y)
@@ -82,7 +94,7 @@ def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int) -> dict[str, Any
     (acc, per_class), (acc_alone, per_class_alone) = accuracy(with_views), accuracy(alone)
     return {"test_acc": acc, "test_acc_no_tta": acc_alone, "views": {"flips": flips, "shift": shift},
             "per_class": per_class, "per_class_no_tta": per_class_alone, "n_test": len(y),
-            "data_source": arrays.source, "data_root": arrays.root, "device": str(device)}
+            "data_source": arrays.source, "data_root": arrays.root, "device": str(device), "precision": precision}
 
 
 def views(cfg: DictConfig, flips: bool | None, shift: int | None) -> tuple[bool, int]:
@@ -125,7 +137,7 @@ def main() -> None:
         cfg = run_config(args.run, roots[-1] if roots else None)
         ckpt = checkpoint_file(args.run, args.checkpoint)  # before the config is read further
         flips, shift = views(cfg, args.flips, args.shift)
-        result = score(cfg, ckpt, flips, shift)
+        result = score(cfg, ckpt, flips, shift, run_precision(args.run, cfg))
     except UserError as e:
         refuse(str(e), e.exit_status)
     result = {"run": str(args.run), "checkpoint": str(ckpt), **result,

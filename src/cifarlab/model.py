@@ -101,8 +101,18 @@ class BlurMaxPool2d(nn.Module):
         pads = ((b - 1) // 2, b // 2, (b - 1) // 2, b // 2)  # (left, right, top, bottom)
         mode = "reflect" if min(y.shape[-2:]) > max(pads) else "replicate"  # reflect needs more px than pad
         y = F.pad(y, pads, mode=mode)
-        weight = self.blur.to(y.dtype).expand(y.shape[1], 1, b, b)  # one blur per channel
-        return F.conv2d(y, weight, stride=self.stride, groups=y.shape[1])  # (B, C, H', W')
+        if y.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # in float32 under the CPU's autocast: a depthwise conv in bf16 is 8x slower there than in fp32
+            # (docs/performance.md); the next layer's conv casts back
+            with torch.autocast("cpu", enabled=False):
+                return self.blurred(y.float())
+        return self.blurred(y)
+
+    def blurred(self, y: torch.Tensor) -> torch.Tensor:
+        """The binomial blur of the padded dense max, one per channel, sampled at `stride`: (B, C, H', W')."""
+        b = self.blur_size
+        weight = self.blur.to(y.dtype).expand(y.shape[1], 1, b, b)
+        return F.conv2d(y, weight, stride=self.stride, groups=y.shape[1])
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "

@@ -25,7 +25,7 @@ from cifarlab import checkpoint, events, inspection, provenance
 from cifarlab.errors import CheckpointError
 from cifarlab.model import count_parameters
 from cifarlab.assemble import Prepared
-from cifarlab.prepare import prepare
+from cifarlab.prepare import cpu_bf16, prepare
 from cifarlab.run_folder import (FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, remove_partial_writes,
                                  saved_run, write_json)
 
@@ -78,6 +78,7 @@ def run(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = No
     """Train, test and record one run in run_dir; returns what metrics.json holds ({} on DDP ranks 1..).
     extra_callbacks: measuring tools (scripts/), beside the configured ones."""
     p = prepared or prepare(cfg, run_dir, option_names, resume=resume, extra_callbacks=extra_callbacks)
+    log.info("precision: %s (%s)", p.precision, p.precision_why)
     ckpt_path = resume_point(run_dir, p.model, p.sha, owner=not is_ddp_child()) if resume else None
     if not (run_dir / SAVED_CONFIG).exists() and not is_ddp_child():  # what resume= continues with
         text = OmegaConf.to_yaml(p.cfg, resolve=True)
@@ -204,6 +205,7 @@ def results(p: Prepared, run_dir: Path, test: dict[str, float], tested: str, bes
         "seed": p.cfg.seed,
         "device": str(device),
         "precision": p.precision,
+        "cpu_bf16": cpu_bf16(),  # what precision=auto decides by on a CPU
         "channels_last": p.cfg.channels_last,
         "compile": p.cfg.compile,
         "threads": torch.get_num_threads(),
