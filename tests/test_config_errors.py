@@ -74,7 +74,7 @@ REFUSED = [
     (["model/activation=prelu", "model.activation.num_parameters=32"],
      r"model.activation.num_parameters=32: must be 1 or 'channels'"),
     (["model/norm=groupnorm", "model.norm.num_groups=5"],
-     r"^model.norm \(torch.nn.GroupNorm\) with 32 channels: num_channels \(32\) must be divisible by num_groups \(5\)$"),
+     r"^model.norm \(cifarlab.model.GroupNorm\) with 32 channels: num_channels \(32\) must be divisible by num_groups \(5\)$"),
     (["model.pool=avg"], r"model.pool='avg': pool is a config group; .*model/pool=<option> \(a slash, not a dot\)"),
     (["model.activation=relu"], r"model.activation='relu': .*model/activation=<option>"),
     # every numeric key of the model and the data has a range (schema.RANGES)

@@ -213,6 +213,20 @@ def test_blurmax_blurs_in_float32_under_the_cpus_bf16_autocast_and_gives_its_gra
     assert pool(x.detach()).dtype == torch.bfloat16  # a bf16 tensor outside autocast: computed as given
 
 
+def test_groupnorm_is_torchs_and_computes_in_float32_under_the_cpus_bf16_autocast():
+    from cifarlab.model import GroupNorm
+
+    torch.manual_seed(0)
+    ours, torchs = GroupNorm(8, 32), nn.GroupNorm(8, 32)
+    assert ours.state_dict().keys() == torchs.state_dict().keys()  # checkpoints of either load into the other
+    x = torch.randn(4, 32, 8, 8)
+    torch.testing.assert_close(ours(x), torchs(x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torchs(x.bfloat16().float()), rtol=0, atol=0)
+
+
 def test_blurmax_is_less_moved_by_a_one_pixel_shift_than_max_pooling():
     """The point of the blur (Zhang 2019): shifting the input by 1 px changes the stride-2 pooled map less."""
     torch.manual_seed(0)

@@ -119,6 +119,18 @@ class BlurMaxPool2d(nn.Module):
                 f"blur_size={self.blur_size}")
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm, computed in float32 under the CPU's bf16 autocast, where torch runs it in bf16 at 0.77x of its
+    float32 speed (1.23-1.40x this way: docs/performance.md). Otherwise, and in its parameters and state dict, it is
+    nn.GroupNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 class ShrinksToNothing(ValueError):
     """A conv or pooling geometry that leaves no pixel; `layer` is "conv" or "pool", `trail` each stage's sizes."""
 
