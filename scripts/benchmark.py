@@ -64,6 +64,14 @@ def peak_mem_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def save(out: dict, path: Path | None) -> None:
+    """A measuring tool's results as JSON at --out, when given."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"written: {path}")
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -361,10 +369,7 @@ def main() -> None:
     print(f"\n{out['device']}, {out['data_source']}, {epochs} epochs each{rounds_note} (first is warm-up), {out['precision']}, "
           f"channels_last={out['channels_last']}, compile={out['compile']}\n")
     print(table(out))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"written: {args.out}")
+    save(out, args.out)
 
 
 if __name__ == "__main__":

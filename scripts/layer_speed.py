@@ -5,23 +5,21 @@ model/pool, model/activation, model/norm or model/dropout changed, then experime
 alternate within each round, and the rates are medians over the rounds: is `trainer.precision=auto`, which picks
 bf16-mixed on a CPU that computes bf16, at least as fast as float32 for each option?
 
-    .venv/bin/python scripts/layer_speed.py --data-root ../shared/data/cifar10-full --out docs/layer-speed-cpu.json
+    .venv/bin/python scripts/layer_speed.py --data-root ../shared/data/cifar10-full --out docs/results/cpu-bf16/layer-speed.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import cifarlab  # noqa: F401  first: its environment defaults must precede torch's first tensor
 import torch
 
-from benchmark import REPO, BareLoop, compose, device_name, sync
+from benchmark import REPO, BareLoop, compose, device_name, save, sync
 
 GROUPS = ("pool", "activation", "norm", "dropout")
 PRECISIONS = ("32-true", "bf16-mixed")
@@ -79,10 +77,7 @@ def main() -> None:
            "data_source": arrays.source, "steps": args.steps, "rounds": args.rounds, "results": results}
     slower = [n for n, r in results.items() if r["ratio"] < 1]
     print(f"\n{out['device']}; slower in bf16: {', '.join(slower) or 'none'}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"written: {args.out}")
+    save(out, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ The ratio cifarlab / tutorial is the figure (target <= 0.2, aim 0.1).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -171,10 +170,7 @@ def main() -> None:
         else:
             print(f"{name}: did not reach it in {run['max_epochs']} epochs "
                   f"(best {max(e['test_acc'] for e in run['probes']):.4f})")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"written: {args.out}")
+    benchmark.save(out, args.out)
 
 
 if __name__ == "__main__":
