@@ -13,24 +13,14 @@ table. The statistics are in stats.py.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import sys
 from pathlib import Path
 
-from cifarlab import report_board, report_plot, stats
-from cifarlab.run_folder import FAILED, latest
-from cifarlab.sweep_results import (RECIPE, Job, Row, axes, baseline_row, collect, job_number, levels, short,
-                                    tested_checkpoints)
-
-CSV_FIELDS = ["configuration", "seeds", "failed", "test_acc_mean", "test_acc_std", "ci95_low", "ci95_high", "delta",
-              "delta_ci_low", "delta_ci_high", "delta_ci_level", "test", "pairs", "same_side", "p", "p_adjusted",
-              "rows_compared", "verdict", "seeds_needed", "test_acc_no_tta_mean", "best_val_acc_mean",
-              "best_val_acc_std", "params", "epoch_s"]
-JOB_FIELDS = ["configuration", "seed", "status", "counted", "test_acc", "best_val_acc", "epochs", "epoch_s", "folder",
-              "error"]
-
+from cifarlab import report_board, report_csv, report_plot, stats
+from cifarlab.run_folder import latest
+from cifarlab.sweep_results import RECIPE, Job, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
 
 def summarize(rows: list[Row], baseline: Row | None, test: str = "t") -> list[dict]:
     """One dict per row (CSV_FIELDS, accuracies in percent, plus `baseline`, `baseline_is`, `paired`): what the CSV
@@ -77,44 +67,6 @@ def summarize(rows: list[Row], baseline: Row | None, test: str = "t") -> list[di
             s["seeds_needed"] = stats.seeds_needed(d, 1 - d.level, exact=test == "exact")
         out.append(s)
     return out
-
-
-def jobs_table(rows: list[Row], unplaced: list[Job]) -> list[dict]:
-    """jobs.csv: one line per job folder, so the table can be recomputed from it; `counted` marks the jobs whose
-    values the table uses (a seed run twice counts once, the later)."""
-    out = []
-    for r in rows:
-        counted = {id(j) for j in r.finished}
-        for j in sorted(r.jobs, key=lambda j: job_number(j.folder)):
-            m = j.metrics or {}
-            status = ("finished" if j.metrics else "damaged" if j.error.startswith("damaged") else "running or killed"
-                      if j.error.startswith("running") else "failed" if (j.folder / FAILED).exists() else "unfinished")
-            out.append({"configuration": r.label(), "seed": j.seed, "status": status, "counted": int(id(j) in counted),
-                        "test_acc": _percent(m.get("test_acc")), "best_val_acc": _percent(m.get("best_val_acc")),
-                        "epochs": m.get("epochs"), "epoch_s": _round(m.get("epoch_s")), "folder": j.folder.name,
-                        "error": j.error or ""})
-    out += [{"configuration": "", "status": "damaged", "counted": 0, "folder": j.folder.name, "error": j.error}
-            for j in unplaced]
-    return out
-
-
-def _percent(x: float | None) -> float | None:
-    return None if x is None else round(100 * x, 4)
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
-
-
-def csv_row(s: dict) -> dict:
-    """Percentages to 4 decimals, p values to 4 significant digits, an empty cell where there is no number."""
-    def cell(key: str, v):
-        if v is None or isinstance(v, float) and math.isnan(v):
-            return ""
-        if isinstance(v, float) and math.isfinite(v):
-            return float(f"{v:.4g}") if key.startswith("p") else round(v, 4) + 0.0  # + 0.0: no "-0.0"
-        return v  # inf (seeds needed: never), ints, strings
-    return {k: cell(k, v) for k, v in s.items()}
 
 
 def _num(x: float, fmt: str = ".2f") -> str:
@@ -301,13 +253,6 @@ def markdown(sweep: Path, rows: list[Row], unplaced: list[Job], summary: list[di
     return "\n".join(lines)
 
 
-def write_csv(path: Path, fields: list[str], lines: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(lines)
-
-
 def report(sweep: Path, baseline_label: str | None = None, test: str = "t") -> tuple[list[str], list[list[str]]]:
     """Write report.md, report.csv, jobs.csv, the plots and the TensorBoard run; return the table (header, rows)."""
     rows, unplaced = collect(sweep)
@@ -317,8 +262,8 @@ def report(sweep: Path, baseline_label: str | None = None, test: str = "t") -> t
     summary = summarize(rows, baseline, test)
     text = markdown(sweep, rows, unplaced, summary, baseline, test)
     (sweep / "report.md").write_text(text)
-    write_csv(sweep / "report.csv", CSV_FIELDS, [csv_row(s) for s in summary])
-    write_csv(sweep / "jobs.csv", JOB_FIELDS, jobs_table(rows, unplaced))
+    report_csv.write(sweep / "report.csv", report_csv.CSV_FIELDS, [report_csv.csv_row(s) for s in summary])
+    report_csv.write(sweep / "jobs.csv", report_csv.JOB_FIELDS, report_csv.jobs_table(rows, unplaced))
     plots = [report_plot.seeds(rows, summary, sweep / "report.png")]
     if len(axes(rows)) == 2:
         plots.append(report_plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
