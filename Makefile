@@ -22,7 +22,7 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/cifarlab-train $(ARGS)
 
-# Extra pytest arguments: make test ARGS="-k model -x"; ARGS="-m slow" runs the tests of scripts/ (left out by default)
+# Extra pytest arguments: make test ARGS="-k model -x"; ARGS="-m 'not slow'" leaves out the tests of scripts/
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 

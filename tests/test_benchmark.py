@@ -15,7 +15,7 @@ import torch
 from cifarlab import prepare
 from conftest import REPO
 
-pytestmark = pytest.mark.slow  # tools that measure (scripts/), not the product: make test ARGS="-m slow" runs them
+pytestmark = pytest.mark.slow  # tools that measure (scripts/): ARGS="-m 'not slow'" leaves them out of make test
 
 
 def _script(name: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:

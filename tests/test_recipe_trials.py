@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, read_metrics
 
-pytestmark = pytest.mark.slow  # a tool (scripts/), not the product: left out of make test; ARGS="-m slow" runs it
+pytestmark = pytest.mark.slow  # a tool (scripts/): ARGS="-m 'not slow'" leaves it out of make test
 
 
 def test_runs_every_variant_and_seed_and_scores_both_checkpoints(tmp_path):
