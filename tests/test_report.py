@@ -90,8 +90,12 @@ def test_a_two_factor_grid_gets_verdicts_main_effects_and_a_marked_heatmap(two_f
     assert f"| none | {statistics.fmean(BASE.values()) + 0.5:.2f} [" in text.split("| activation |")[1]
     assert Image.open(sweep / "heatmap.png").size[0] > 300 and Image.open(sweep / "report.png").size[0] > 300
     rows_, _ = collect(sweep)
-    ys, xs, grid, marks = report_plot.cells(rows_, report.summarize(rows_, baseline_row(rows_)),
-                                            ["model/pool", "model/activation"])
+    summary = report.summarize(rows_, baseline_row(rows_))
+    ys, xs, grid, marks = report_plot.cells(rows_, summary, ["model/pool", "model/activation"])
+    labels = {s["configuration"]: report_plot.label(s) for s in summary}  # the plot's row names
+    assert labels["pool=avg activation=relu"] == (f"pool=avg activation=relu  (inconclusive, "
+                                                  f"{even['seeds_needed']} seeds would tell)")
+    assert labels["pool=avg activation=none"] == "pool=avg activation=none  (better)"
     assert (ys, xs) == (["max", "avg"], ["none", "relu"])  # the grid's order, not the ranking
     assert marks == {(0, 0): "base", (0, 1): "▼", (1, 0): "▲", (1, 1): ""}
     assert grid[1, 0] == pytest.approx(statistics.fmean(cells[("avg", "none")].values()))

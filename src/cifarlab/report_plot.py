@@ -28,8 +28,7 @@ def label(s: dict) -> str:
     """A row's name on the plot, with its verdict and, when inconclusive, the seeds a verdict would take."""
     if not s["verdict"]:
         return s["configuration"]
-    needed = s["seeds_needed"]
-    more = f", {int(needed)} seeds would tell" if needed == needed and needed != float("inf") else ""
+    more = f", {int(s['seeds_needed'])} seeds would tell" if math.isfinite(s["seeds_needed"]) else ""
     return f"{s['configuration']}  ({s['verdict']}{more})"
 
 
