@@ -198,6 +198,27 @@ def test_blurmax_is_a_binomial_blur_of_the_stride_1_max_map():
     assert not list(pool.parameters()) and not pool.state_dict()  # nothing learned, nothing in checkpoints
 
 
+@pytest.mark.parametrize("kernel,padding", [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), ((3, 2), (1, 0)), (5, 2)])
+def test_blurmax_without_gradients_takes_the_same_max_as_max_pool2d(kernel, padding):
+    """Validation and testing take the stride-1 max as running maxima (no argmax indices kept): exactly
+    max_pool2d's numbers, ties, NaN and the memory format included, for any window, padding, dtype and layout."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 11, 9)
+    x[0, 0, 2:6, 2:6] = 0.5  # ties
+    x[1, 2, 4, 4] = float("nan")
+    pool = BlurMaxPool2d(kernel_size=kernel, stride=2, padding=padding)
+    for dtype, fmt in itertools.product((torch.float32, torch.bfloat16), (torch.contiguous_format, torch.channels_last)):
+        xs = x.to(dtype).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            running = pool.dense_max(xs)
+        indexed = F.max_pool2d(xs, kernel, 1, padding)
+        torch.testing.assert_close(running, indexed, rtol=0, atol=0, equal_nan=True)
+        assert running.is_contiguous(memory_format=fmt)
+        with torch.no_grad():
+            out = pool(xs)
+        torch.testing.assert_close(out, pool(xs.requires_grad_()).detach(), rtol=0, atol=0, equal_nan=True)
+
+
 def test_blurmax_blurs_in_float32_under_the_cpus_bf16_autocast_and_gives_its_gradient():
     """bf16 autocast on a CPU: the depthwise blur runs in float32 (8x faster there than in bf16), on the bf16 max map
     that autocast's convs hand it; outside autocast nothing changes."""

@@ -90,7 +90,19 @@ class BlurMaxPool2d(nn.Module):
 
     def dense_max(self, x: torch.Tensor) -> torch.Tensor:
         """The max over every window at stride 1, padded with -inf: (B, C, H + 2p - k + 1, W + 2p - k + 1)."""
-        return F.max_pool2d(x, self.kernel_size, 1, self.padding)
+        if (torch.is_grad_enabled() and x.requires_grad) or torch.jit.is_tracing():  # a traced graph: one op
+            return F.max_pool2d(x, self.kernel_size, 1, self.padding)
+        # Without gradients, as a running maximum along W, then along H: the same numbers, without the argmax
+        # indices max_pool2d keeps for a backward pass; validation and testing faster (docs/performance.md).
+        (kh, kw), (ph, pw) = _pair(self.kernel_size), _pair(self.padding)
+        y = F.pad(x, (pw, pw, ph, ph), value=-math.inf) if ph or pw else x
+        for dim, k in ((3, kw), (2, kh)):
+            n = y.shape[dim] - k + 1
+            m = y.narrow(dim, 0, n)
+            for i in range(1, k):
+                m = torch.maximum(m, y.narrow(dim, i, n))
+            y = m
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.blur_size
