@@ -383,3 +383,14 @@ def test_crop_offsets_do_not_follow_from_the_shuffle():
         positions = [k for k in range(n) if (n - k) % 3 == 0]
         agree = sum(int(dy[k]) == int(y[k]) % 3 for k in positions) / len(positions)
         assert 0.28 < agree < 0.39, (seed, epoch, agree)  # a third, as for independent draws (±2.5 sigma)
+
+
+def test_channel_stats_are_the_float64_mean_and_std_of_each_channel():
+    """From per-channel histograms: the same mean and (unbiased) std as summing every pixel in float64."""
+    images = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8)
+    images[:, 1] //= 3  # channels with different statistics
+    mean, std = batches.channel_stats(images)
+    pixels = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    torch.testing.assert_close(mean, pixels.mean(1).float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(std, pixels.std(1).float(), rtol=0, atol=1e-7)
+    assert mean[1] < 0.25 < mean[0]

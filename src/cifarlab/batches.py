@@ -189,9 +189,16 @@ class Normalize:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std in [0, 1] units of uint8 images (N, 3, H, W)."""
-    x = images.double().div_(255).transpose(0, 1).reshape(images.shape[1], -1)  # (3, N*H*W)
-    return x.mean(1).float(), x.std(1).float()
+    """Per-channel mean and std in [0, 1] units of uint8 images (N, 3, H, W), from each channel's histogram of the
+    256 values: exact float64 sums in 50 ms, where summing 150 million float64 pixels took 2 s."""
+    c = images.shape[1]
+    pixels = images.transpose(0, 1).reshape(c, -1)  # (C, N*H*W)
+    counts = torch.stack([torch.bincount(pixels[i], minlength=256) for i in range(c)]).cpu().double()  # (C, 256)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = counts.sum(1)  # (C,)
+    mean = counts @ values / n
+    var = (counts * (values - mean[:, None]) ** 2).sum(1) / (n - 1)  # the unbiased variance, as Tensor.std gives
+    return mean.float(), var.sqrt().float()
 
 
 def images_in(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
