@@ -190,7 +190,7 @@ class Normalize:
 
 def channel_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std in [0, 1] units of uint8 images (N, 3, H, W), from each channel's histogram of the
-    256 values: exact float64 sums in 50 ms, where summing 150 million float64 pixels took 2 s."""
+    256 values: exact float64 sums without a float64 copy of every pixel, 40x faster (docs/performance.md)."""
     c = images.shape[1]
     pixels = images.transpose(0, 1).reshape(c, -1)  # (C, N*H*W)
     counts = torch.stack([torch.bincount(pixels[i], minlength=256) for i in range(c)]).cpu().double()  # (C, 256)
