@@ -217,6 +217,11 @@ def test_blurmax_without_gradients_takes_the_same_max_as_max_pool2d(kernel, padd
         with torch.no_grad():
             out = pool(xs)
         torch.testing.assert_close(out, pool(xs.requires_grad_()).detach(), rtol=0, atol=0, equal_nan=True)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    too_wide = BlurMaxPool2d(kernel_size=kernel, stride=2, padding=(kh // 2 + 1, kw // 2 + 1))
+    for grad in (False, True):  # a padding max_pool2d refuses is refused both ways, in torch's words
+        with torch.set_grad_enabled(grad), pytest.raises((RuntimeError, ValueError), match="pad should be at most half"):
+            too_wide.dense_max(x.requires_grad_(grad))
 
 
 def test_blurmax_blurs_in_float32_under_the_cpus_bf16_autocast_and_gives_its_gradient():

@@ -95,6 +95,9 @@ class BlurMaxPool2d(nn.Module):
         # Without gradients, as a running maximum along W, then along H: the same numbers, without the argmax
         # indices max_pool2d keeps for a backward pass; validation and testing faster (docs/performance.md).
         (kh, kw), (ph, pw) = _pair(self.kernel_size), _pair(self.padding)
+        if ph > kh // 2 or pw > kw // 2:  # max_pool2d's own rule, so that both ways refuse the same geometries
+            raise ValueError(f"pad should be at most half of effective kernel size, but got pad={self.padding}, "
+                             f"kernel_size={self.kernel_size} and dilation=1")
         y = F.pad(x, (pw, pw, ph, ph), value=-math.inf) if ph or pw else x
         for dim, k in ((3, kw), (2, kh)):
             n = y.shape[dim] - k + 1
