@@ -22,6 +22,7 @@ from cifarlab import report_board, report_csv, report_plot, stats
 from cifarlab.run_folder import latest
 from cifarlab.sweep_results import RECIPE, Job, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
 
+
 def summarize(rows: list[Row], baseline: Row | None, test: str = "t") -> list[dict]:
     """One dict per row (CSV_FIELDS, accuracies in percent, plus `baseline`, `baseline_is`, `paired`): what the CSV
     holds and the table formats. Every Δ is one of the m rows compared, at level 1 - α/m."""
