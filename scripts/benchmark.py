@@ -9,7 +9,7 @@
   tutorial   the seed tutorial's recipe: torchvision.datasets.CIFAR10 with ToTensor, DataLoader(batch_size=64,
              shuffle=True), the usual loop with SGD lr 0.01 (torchvision's md5 check bypassed for stand-in files).
 
-    .venv/bin/python scripts/benchmark.py --data-root ../shared/data/cifar10-full --out docs/benchmark-cpu.json
+    .venv/bin/python scripts/benchmark.py --data-root data --rounds 3 --out benchmark.json
 
 Each reports training images/s (median over the epochs after the first, which is warm-up), evaluation images/s on
 the test set, and peak memory (GPU: torch.cuda.max_memory_allocated per method; CPU: the process's peak resident
@@ -81,6 +81,9 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from cifarlab import schema
+
+    schema.register()  # the schema configs/train.yaml extends, and the resolvers it names
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "configs")):
         return hydra_compose("train", overrides=overrides)
 

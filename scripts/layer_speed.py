@@ -5,7 +5,7 @@ model/pool, model/activation, model/norm or model/dropout changed, then experime
 alternate within each round, and the rates are medians over the rounds: is `trainer.precision=auto`, which picks
 bf16-mixed on a CPU that computes bf16, at least as fast as float32 for each option?
 
-    .venv/bin/python scripts/layer_speed.py --data-root ../shared/data/cifar10-full --out docs/results/cpu-bf16/layer-speed.json
+    .venv/bin/python scripts/layer_speed.py --data-root data --out docs/results/cpu-bf16/layer-speed.json
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ is training, the validation passes of finished epochs, logging, inspection and c
 probes' own test passes; for the tutorial, its 10 training epochs (its per-epoch test passes are not counted).
 The ratio cifarlab / tutorial is the figure (target <= 0.2, aim 0.1).
 
-    .venv/bin/python scripts/time_to_accuracy.py --data-root ../shared/data/cifar10-full \\
-        --out docs/time-to-accuracy-cpu.json
+    .venv/bin/python scripts/time_to_accuracy.py --data-root data \\
+        --out docs/results/lightning-loop/time-to-accuracy-cpu.json
 
 --target ACC skips the tutorial and uses ACC; --quick trains a few batches (tests run it; the numbers mean nothing);
 --also "OVERRIDES" times another recipe against the same target and tutorial, in the same process.

@@ -4,18 +4,16 @@ a well-formed JSON. Their speeds are not checked here (a few batches on a shared
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from cifarlab import prepare
 from conftest import REPO
 
-pytestmark = pytest.mark.slow  # tools that measure (scripts/): ARGS="-m 'not slow'" leaves them out of make test
+pytestmark = pytest.mark.slow  # the tools that measure (scripts/): make test runs them, test-fast does not
 
 
 def _script(name: str, *args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -144,30 +142,6 @@ def test_benchmark_refuses_an_unknown_method_by_name(tmp_path, subset_root):
     assert "--methods bare,lightning: lightning unknown; choose from bare, bare-fp32, cifarlab, tutorial" in result.stderr
 
 
-def test_repeat_dataset_writes_a_full_size_folder_of_the_same_images(tmp_path, subset_root):
-    """For GPU speed runs where only the subset can travel: the official layout, the subset's images in order,
-    repeated; read back by cifarlab's loader and by torchvision's CIFAR10 (as the tutorial recipe reads it)."""
-    from cifarlab import cifar10
-
-    result = _script("repeat_dataset.py", str(subset_root), str(tmp_path / "rep"), "--train", "12000", "--test",
-                     "2500", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    source = cifar10.load_cifar10(subset_root, download=False)
-    repeated = cifar10.load_cifar10(tmp_path / "rep", download=False)
-    assert repeated.train_x.shape == (12000, 3, 32, 32) and repeated.test_x.shape == (2500, 3, 32, 32)
-    n = len(source.train_y)  # 5,438 < 12,000: the images come round again, in order
-    assert torch.equal(repeated.train_x[:n], source.train_x)
-    assert torch.equal(repeated.train_x[n : 2 * n], source.train_x)
-    assert torch.equal(repeated.train_y[2 * n :], source.train_y[: 12000 - 2 * n])
-    assert torch.equal(repeated.test_x[:1017], source.test_x) and repeated.classes == source.classes
-    sys.path.insert(0, str(REPO / "scripts"))
-    import benchmark
-
-    assert len(benchmark.stand_in_cifar10(str(tmp_path / "rep"), train=True, transform=None)) == 12000
-    again = _script("repeat_dataset.py", str(subset_root), str(tmp_path / "rep"), cwd=tmp_path)
-    assert again.returncode == 2 and "exists; give a new folder" in again.stderr  # nothing overwritten
-
-
 def test_profile_step_profiles_cifarlab_and_the_bare_loop(tmp_path, subset_root):
     result = _script("profile_step.py", "--data-root", str(subset_root), "--steps", "3", "--rows", "5",
                      "callbacks=plain", "data.batch_size=64", "trainer.limit_train_batches=34",
@@ -185,38 +159,6 @@ def test_profile_step_profiles_cifarlab_and_the_bare_loop(tmp_path, subset_root)
     too_many = _script("profile_step.py", "--data-root", str(subset_root), "--steps", "500", cwd=tmp_path)
     assert too_many.returncode == 2
     assert f"an epoch holds {per_epoch} steps at data.batch_size=256; 530 are needed" in too_many.stderr
-
-
-def test_webp_parts_pack_and_unpack_give_back_the_same_images_labels_and_names(tmp_path, subset_root):
-    """scripts/webp_parts.py: how cifar10-full travels to a GPU machine that takes 64 MiB a call. Lossless, or the
-    accuracies measured there would be of other images."""
-    from cifarlab import cifar10
-
-    parts = tmp_path / "parts"
-    result = _script("webp_parts.py", "pack", str(subset_root), str(parts), "--parts", "2", "--method", "0",
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    part1, part2 = parts / "part1", parts / "part2"
-    raw = sum(f.stat().st_size for f in (subset_root / "cifar-10-batches-py").iterdir())
-    packed = sum(f.stat().st_size for part in (part1, part2) for f in part.iterdir())
-    assert packed < raw  # smaller than the pickles, or there is no point
-    result = _script("webp_parts.py", "unpack", str(tmp_path / "back"), str(part2), cwd=tmp_path)
-    assert result.returncode != 0 and "no part holds the labels (part1)" in result.stderr
-    result = _script("webp_parts.py", "unpack", str(tmp_path / "back"), str(part1), cwd=tmp_path)
-    assert result.returncode != 0 and "mosaics missing" in result.stderr
-    result = _script("webp_parts.py", "unpack", str(tmp_path / "back"), str(part1), str(part2), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    original, back = (cifar10.load_cifar10(root, download=False) for root in (subset_root, tmp_path / "back"))
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        assert torch.equal(getattr(original, name), getattr(back, name)), name
-    assert original.classes == back.classes and len(back.train_y) == 5438
-    folder = tmp_path / "back" / "cifar-10-batches-py"
-    for name in ("data_batch_1", "test_batch"):
-        with open(subset_root / "cifar-10-batches-py" / name, "rb") as f:
-            before = pickle.load(f, encoding="latin1")
-        with open(folder / name, "rb") as f:
-            after = pickle.load(f, encoding="latin1")
-        assert after["filenames"] == before["filenames"] and after["batch_label"] == before["batch_label"]
 
 
 def test_layer_speed_times_each_option_in_fp32_and_bf16_and_names_the_slower_ones(tmp_path, subset_root):

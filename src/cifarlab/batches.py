@@ -72,7 +72,7 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 # Training images augmented together: a few large operations instead of a dozen small ones per batch on a GPU; on a
-# CPU large chunks fall out of the cache (docs/performance.md, "Before `steps_per_call`").
+# CPU large chunks fall out of the cache (docs/performance.md, "The data path").
 PREP_IMAGES = {"cuda": 8192, "cpu": 1024}
 
 

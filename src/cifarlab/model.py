@@ -117,7 +117,7 @@ class BlurMaxPool2d(nn.Module):
         mode = "reflect" if min(y.shape[-2:]) > max(pads) else "replicate"  # reflect needs more px than pad
         y = F.pad(y, pads, mode=mode)
         if y.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # in float32 under the CPU's autocast: a depthwise conv in bf16 is 8x slower there than in fp32
+            # in float32 under the CPU's autocast: a depthwise conv in bf16 is 6x slower there than in fp32
             # (docs/performance.md); the next layer's conv casts back
             with torch.autocast("cpu", enabled=False):
                 return self.blurred(y.float())
