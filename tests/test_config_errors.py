@@ -10,10 +10,9 @@ import sys
 
 import pytest
 import torch
-from hydra.core.singleton import Singleton
 from omegaconf import OmegaConf
 
-from cifarlab import build, checkpoint, cli, run_folder, train
+from cifarlab import build, checkpoint, resume, run_folder
 from cifarlab.errors import CheckpointError, ConfigError, RunFolderError
 from cifarlab.prepare import prepare
 from conftest import CONFIG_DIR, REPO, compose_config, run_cli
@@ -201,6 +200,7 @@ CLI_REFUSED = [
 ]
 
 
+@pytest.mark.slow  # the real command line, as a subprocess
 @pytest.mark.parametrize("overrides,message", CLI_REFUSED, ids=[" ".join(o) for o, _ in CLI_REFUSED])
 def test_cli_refuses_in_one_line_with_exit_status_2_and_makes_no_folder(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
@@ -219,12 +219,13 @@ def test_a_folder_without_config_yaml_says_how_to_start_it_again(tmp_path):
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "overrides.yaml").write_text("- data=synthetic\n- trainer.max_epochs=2\n")
     with pytest.raises(RunFolderError) as e:
-        run_folder.resume_overrides(str(run_dir), [])
+        resume.resume_folder(str(run_dir), [])
     assert str(e.value) == (f"resume={run_dir}: that run stopped before it had read its data (no config.yaml), so "
                             f"there is nothing to continue; start it again: cifarlab-train data=synthetic "
                             f"trainer.max_epochs=2 hydra.run.dir={run_dir}")
 
 
+@pytest.mark.slow  # the real command line, as a subprocess
 def test_cli_refuses_a_data_folder_missing_files_before_making_a_run_folder(tmp_path):
     from cifarlab import cifar10
 
@@ -244,6 +245,7 @@ def test_cli_refuses_a_data_folder_missing_files_before_making_a_run_folder(tmp_
     assert sorted(p.name for p in folder.iterdir()) == sorted(set(cifar10.FILES) - {"data_batch_4", "test_batch"})
 
 
+@pytest.mark.slow  # the real command line, as a subprocess
 @pytest.mark.parametrize("override,message", [
     ("model/pool=median", "error: model/pool=median: no such option (no configs/model/pool/median.yaml); choose one "
                           "of: avg, blurmax, lp, max"),
@@ -286,6 +288,7 @@ print(f"status={status} heavy={','.join(heavy) or 'none'}", file=sys.stderr)
 """
 
 
+@pytest.mark.slow  # the real command line, as a subprocess
 def test_help_cfg_and_refused_overrides_load_no_lightning_and_make_no_run_folder(tmp_path):
     for args, status, heavy in ANSWERED_BEFORE_A_RUN:
         result = subprocess.run([sys.executable, "-c", ANSWER_IN_THIS_PROCESS, *args], cwd=tmp_path,
@@ -295,35 +298,55 @@ def test_help_cfg_and_refused_overrides_load_no_lightning_and_make_no_run_folder
     assert not (tmp_path / "outputs").exists()  # nor made a run folder
 
 
-@pytest.mark.parametrize("args", [
-    ["data=synthetic", "data.n_train=300"],
-    ["+note=${hydra:runtime.output_dir}"],  # resolves only inside the run: the run prepares itself
-    ["+hydra.job.env_set.CIFARLAB_LR=0.01", "optimizer.lr=${oc.env:CIFARLAB_LR}"],  # set only inside the run
-    ["resume=run"],
+# Hydra's config loader, counted: each composition of a config (a run's, a sweep's, each sweep job's) is one call.
+# Not counted: Hydra's own probes, which compose and throw the result away: hydra.main's for hydra.mode
+# (Hydra.get_mode) and the sweeper's check of each batch of jobs (Sweeper.validate_batch_is_legal).
+COUNT_COMPOSES = r"""
+import sys
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.hydra import Hydra
+from hydra.plugins.sweeper import Sweeper
+from cifarlab import cli
+composes, probing, load = [], [], ConfigLoaderImpl.load_configuration
+def counted(self, *args, **kwargs):
+    composes.extend([] if probing else [1])
+    return load(self, *args, **kwargs)
+def probe(method):
+    def probing_call(self, *args, **kwargs):
+        probing.append(1)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            probing.pop()
+    return probing_call
+ConfigLoaderImpl.load_configuration = counted
+Hydra.get_mode, Sweeper.validate_batch_is_legal = probe(Hydra.get_mode), probe(Sweeper.validate_batch_is_legal)
+sys.argv = ["cifarlab-train", *sys.argv[1:]]
+try:
+    cli.cli()
+finally:
+    print(f"composes={len(composes)}", file=sys.stderr)
+"""
+ONE_EPOCH = [*TINY_DATA, "trainer.max_epochs=1", "callbacks=plain"]
+
+
+@pytest.mark.slow  # each trains a tiny run end to end
+@pytest.mark.parametrize("args,composes", [
+    (ONE_EPOCH, 1),
+    ([*ONE_EPOCH, "+note=${hydra:runtime.output_dir}"], 1),  # resolves only inside the run: the run prepares itself
+    (["resume=run"], 1),  # the saved config is read, not composed
+    (["-m", *ONE_EPOCH, "seed=0,1", "launcher=basic"], 3),  # the sweep, then each of its two jobs
 ])
-def test_the_command_line_hands_the_run_its_folder_and_what_it_prepared(tmp_path, monkeypatch, args):
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / run_folder.SAVED_CONFIG).write_text(OmegaConf.to_yaml(compose_config()))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["cifarlab-train", *args, *([] if args == ["resume=run"] else
-                                                                   [f"hydra.run.dir={tmp_path / 'new'}"])])
-    monkeypatch.delenv("CIFARLAB_LR", raising=False)
-    started = []
-    monkeypatch.setattr(cli.hydra, "main", lambda **kw: lambda task: lambda: started.append(
-        (sys.argv[1:], task.__closure__[0].cell_contents)))
-    hydra_state = Singleton.get_state()  # the command line sets Hydra's global config, as it does before a run
-    try:
-        cli.cli()
-    finally:
-        Singleton.set_state(hydra_state)
-    (argv, prepared), = started
-    if args == ["resume=run"]:  # the saved config, in its own folder: prepared by the run
-        assert argv == [f"hydra.run.dir='{tmp_path / 'run'}'", "hydra.output_subdir=null", f"resume='{tmp_path / 'run'}'"]
-        assert prepared is None
-        return
-    assert argv[-1] == f"hydra.run.dir='{tmp_path / 'new'}'"  # the folder prepared for, passed on as Hydra reads it
-    assert (prepared is None) == (args[0] != "data=synthetic")
-    assert not (tmp_path / "new").exists()
+def test_hydra_composes_the_config_once_per_run(tmp_path, args, composes):
+    (tmp_path / "run").mkdir()  # a stopped run without a checkpoint, which resume= starts again
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(*ONE_EPOCH), resolve=True))
+    where = [] if args == ["resume=run"] else [f"hydra.{'sweep' if '-m' in args else 'run'}.dir={tmp_path / 'new'}"]
+    result = subprocess.run([sys.executable, "-c", COUNT_COMPOSES, *args, *where], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"composes={composes}"
+    metrics = sorted((tmp_path / ("run" if args == ["resume=run"] else "new")).glob("**/metrics.json"))
+    assert len(metrics) == composes - (composes > 1)  # every run the command started finished
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,14 +447,14 @@ def test_resume_refusals_name_the_folder_and_what_to_do(tmp_path):
     ]
     for folder, others, message in cases:
         with pytest.raises(RunFolderError) as e:
-            run_folder.resume_overrides(folder, others)
+            resume.resume_folder(folder, others)
         assert re.search(message, str(e.value)), str(e.value)
     (run_dir / ".running").write_text(f"pid {os.getpid()} on {os.uname().nodename} since 2026-11-22T00:00:00+00:00\n")
     with pytest.raises(RunFolderError, match=r"a run is still using this folder \(pid \d+ on .*\); if it is dead, delete"):
-        run_folder.resume_overrides(str(run_dir), [])
+        resume.resume_folder(str(run_dir), [])
     (run_dir / "metrics.json").write_text("{}")
     with pytest.raises(RunFolderError, match=r"that run finished \(metrics.json\); nothing to resume"):
-        run_folder.resume_overrides(str(run_dir), [])
+        resume.resume_folder(str(run_dir), [])
 
 
 @pytest.mark.parametrize("last,message", [
@@ -442,7 +465,7 @@ def test_resume_refusals_name_the_folder_and_what_to_do(tmp_path):
 def test_resume_refuses_an_unusable_checkpoint_before_reading_data(tmp_path, last, message):
     run_dir, cfg = stopped_run(tmp_path, last)
     with pytest.raises(CheckpointError) as e:
-        train.resume_point(run_dir, build.network(cfg.model), run_folder.config_sha(cfg))
+        resume.continue_from(run_dir, build.network(cfg.model), run_folder.config_sha(cfg))
     assert re.search(message, str(e.value)), str(e.value)
 
 
@@ -452,9 +475,10 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path):
                                                       cifarlab={"config_sha": run_folder.config_sha(cfg),
                                                                 "saved_at": 0.0}))
     with pytest.raises(CheckpointError, match=r"last.ckpt: made for a different architecture: layers in the file"):
-        train.resume_point(run_dir, build.network(cfg.model), run_folder.config_sha(cfg))
+        resume.continue_from(run_dir, build.network(cfg.model), run_folder.config_sha(cfg))
 
 
+@pytest.mark.slow  # the real command line, as a subprocess
 @pytest.mark.parametrize("args,message", [
     (["init_from=missing.ckpt", "data=synthetic", "hydra.run.dir=run"], r"error: init_from=/\S+/missing.ckpt: no such file"),
     (["resume=no/such/run"], r"error: resume=no/such/run: no such folder"),

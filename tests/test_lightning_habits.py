@@ -8,11 +8,14 @@ import os
 import re
 
 import lightning as L
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarlab import prepare, train
 from conftest import REPO, compose_config, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
 
 # 1,000 training images of batch 100: 10 optimizer steps an epoch
 SMALL = ["data=synthetic", "data.n_train=1100", "data.n_test=200", "data.val_size=100", "data.batch_size=100",
@@ -45,6 +48,19 @@ def test_lightning_callbacks_from_the_command_line_work_at_the_defaults(tmp_path
     assert logged["train/samples"][-1][1] == steps * 100  # every image of every step counted, one step at a time
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert any("ema" in key.lower() for key in state["callbacks"]), list(state["callbacks"])  # the EMA's weights
+
+
+def test_early_stopping_on_train_acc_from_the_command_line_stops_the_run(tmp_path):
+    """Epoch metrics reach Lightning's callback_metrics: EarlyStopping can monitor train/acc as it can val/acc. At a
+    learning rate of 1e-9 train/acc cannot gain 0.2 in an epoch, so patience 1 stops after the second epoch of 6."""
+    run_dir = tmp_path / "run"
+    result = run_cli(*SMALL, "trainer.max_epochs=6", "optimizer.lr=1e-9", "callbacks=plain",
+                     "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+                     "+callbacks.stop.monitor=train/acc", "+callbacks.stop.mode=max", "+callbacks.stop.patience=1",
+                     "+callbacks.stop.min_delta=0.2", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_metrics(run_dir)["epochs"] == 2
+    assert [s for s, _ in scalars(run_dir)["train/acc"]] == [9, 19]  # once an epoch, at its last step
 
 
 class ProgressTotal(L.Callback):

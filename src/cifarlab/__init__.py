@@ -12,9 +12,3 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # numpy's own BLAS on one thread: its idle threads spin after each call and take a core from torch's.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-# Every process that composes or resolves cifarlab's config needs its schema and resolvers registered with Hydra and
-# OmegaConf: importing any part of cifarlab does it (no torch is loaded for it).
-from cifarlab.schema import register  # noqa: E402
-
-register()

@@ -1,9 +1,10 @@
 """cifarlab-train's command line: what happens before a run starts, and the one place its errors are reported.
 
-argv -> Hydra composes the config (its refusals, and the schema's types, as one line) -> the run folder's state
-(finished, stopped, in use) -> prepare.py builds every object of the run (each value and layer, the data, the
-trainer) -> Hydra makes the run folder -> train.main runs with what was prepared. resume=<run folder> goes straight
-to the run with the config the folder records; -m sweeps prepare each job in the job (sweep.py).
+argv -> Hydra composes the config, once (its refusals, and the schema's types, as one line: cli()) -> Hydra calls
+BeforeTheFolder.on_run_start: the run folder's state (finished, stopped, in use) and everything the run builds
+(prepare.py: each value and layer, the data, the trainer) -> Hydra makes the run folder -> run() hands train.main
+what was prepared. resume=<run folder> runs in that folder with the config saved there (resume.py); -m sweeps
+prepare each job in the job (sweep.py).
 
 Every error a run raises ends here: a UserError as its own line; anything else as one line naming the run's
 train.log, where the trace is (HYDRA_FULL_ERROR=1 shows it here as well). No torch is imported until the overrides
@@ -21,38 +22,50 @@ from typing import Any, Callable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from cifarlab import schema
-from cifarlab.errors import ConfigError, UserError, refuse
-from cifarlab.run_folder import (FINISHED, RUNNING, SAVED_CONFIG, finished_run, is_ddp_child, override,
-                                 resume_overrides, stopped_run, to_train_log)
+from cifarlab.errors import ConfigError, RunFolderError, UserError, refuse
+from cifarlab.resume import resume_folder
+from cifarlab.run_folder import State, finished_run, in_use, is_ddp_child, state, stopped_run, to_train_log
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+# Every process that composes or resolves cifarlab's config imports this module first: the command line, and a
+# launcher's worker, which imports it to unpickle the task before Hydra resolves the job's folder name.
+schema.register()
 
 
 def full_error() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"  # Hydra's own switch for the whole traceback
 
 
-def composed(args: list[str]) -> DictConfig | None:
-    """The config the overrides compose to, with its hydra node, as Hydra's run will compose it. Hydra's refusals
-    (an unknown option or key, a value of the wrong type, an unparsable override) as a ConfigError of one line; None
-    for anything else, which Hydra then reports itself."""
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str]) -> DictConfig:
+    """The config these overrides compose to, with its hydra node: what a refusal's hint lists the keys of."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
-    def compose_with(overrides: list[str]) -> DictConfig:
-        with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
-            return compose("train", overrides=overrides, return_hydra_config=True)
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
 
-    try:
-        return compose_with(args)
-    except Exception as e:
-        error = refusal(e, args, compose_with)
-        if error is None:
-            return None
-        raise error from None
+
+USERS_FULL_ERROR: str | None = None  # HYDRA_FULL_ERROR as the user set it (cli() sets it for Hydra's refusals)
+
+
+def users_full_error() -> None:
+    """Give the process HYDRA_FULL_ERROR as the user set it: the run, and every process it starts, go by theirs."""
+    if USERS_FULL_ERROR is None:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    else:
+        os.environ["HYDRA_FULL_ERROR"] = USERS_FULL_ERROR
+
+
+def refused(e: UserError) -> None:
+    if full_error():
+        raise e
+    refuse(str(e), e.exit_status)
 
 
 def refusal(e: Exception, args: list[str], compose_with: Callable[[list[str]], DictConfig]) -> ConfigError | None:
@@ -97,60 +110,86 @@ def composition_error(e: Exception, args: list[str], compose_with: Callable[[lis
             f"(to add a key that is not there, write +{arg})")
 
 
-def planned_run_dir(cfg: DictConfig) -> Path | None:
-    """The folder Hydra will make (hydra.run.dir, resolved now and passed on, so both agree); None where it only
-    resolves inside the run."""
-    HydraConfig.instance().set_config(cfg)
+def planned_run_dir(config: DictConfig) -> Path | None:
+    """The folder Hydra will make (hydra.run.dir, absolute, as Hydra's own output_dir is); None where it resolves
+    only inside the run (it reads Hydra's runtime)."""
     try:
-        return Path(str(cfg.hydra.run.dir)).expanduser().resolve()  # absolute, as Hydra's own output_dir is
+        return Path(str(config.hydra.run.dir)).expanduser().resolve()
     except Exception:
         return None
 
 
 def check_folder(run_dir: Path) -> None:
     """Before Hydra writes its .hydra/ record into the folder: never into a finished, stopped or busy run's."""
-    from cifarlab.errors import RunFolderError
-
-    if (run_dir / FINISHED).exists():
-        raise RunFolderError(finished_run(run_dir))
-    if (run_dir / SAVED_CONFIG).exists():
-        raise RunFolderError(stopped_run(run_dir))
-    if (run_dir / RUNNING).exists():
-        raise RunFolderError(f"hydra.run.dir={run_dir}: another run is using this folder "
-                             f"({(run_dir / RUNNING).read_text().strip()}); if that run is dead, delete "
-                             f"{run_dir / RUNNING} first")
+    refusal = {State.FINISHED: finished_run, State.STOPPED: stopped_run, State.IN_USE: in_use}.get(state(run_dir))
+    if refusal is not None:
+        raise RunFolderError(refusal(run_dir))
 
 
-def checked_in_the_run(cfg: DictConfig, overrides: list[str]) -> bool:
+def checked_in_the_run(config: DictConfig) -> bool:
     """Values that read Hydra's runtime (${hydra:...}) or variables that hydra.job.env_set sets exist only inside
     the run: such a run prepares itself, after Hydra has made its folder."""
-    task = OmegaConf.to_container(cfg, resolve=False)
-    env_set = task.pop("hydra", {}).get("job", {}).get("env_set")  # from the command line or any config file
-    return "${hydra:" in str(task) or bool(env_set) or any("hydra.job.env_set" in a for a in overrides)
+    task = OmegaConf.to_container(config, resolve=False)
+    return "${hydra:" in str({k: v for k, v in task.items() if k != "hydra"}) or bool(config.hydra.job.env_set)
 
 
-def prepare_before_the_folder(args: list[str]) -> tuple[Any, list[str]]:
-    """(what the run needs, built; the overrides that give Hydra the same folder) for a new single run."""
-    cfg = composed(args)
-    run_dir = planned_run_dir(cfg) if cfg is not None else None
-    if run_dir is None:
-        return None, []
-    check_folder(run_dir)
-    if checked_in_the_run(cfg, args):
-        return None, [override("hydra.run.dir", run_dir)]
-    choices = dict(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    # Lightning, imported while the root logger has no handler, gives its loggers a console handler of their own and
-    # stops them propagating: its lines would miss train.log, which Hydra sets up later. A placeholder prevents it.
-    placeholder = logging.NullHandler()
-    logging.getLogger().addHandler(placeholder)
+def pin_folder(config: DictConfig, run_dir: Path, keep_record: bool = False) -> None:
+    """Run in run_dir as resolved now: Lightning's DDP ranks, which run the command again with hydra.run.dir set to
+    Hydra's, land in it too (a ${now:} resolved again a second later would not). keep_record: write no .hydra/."""
+    with read_write(config.hydra), open_dict(config.hydra):
+        config.hydra.run.dir = str(run_dir)
+        if keep_record:
+            config.hydra.output_subdir = None
+
+
+# What on_run_start prepared, by run folder, for the run Hydra starts next in this process.
+PREPARED: dict[Path, Any] = {}
+
+
+class BeforeTheFolder(Callback):
+    """Hydra calls it once the config has composed, before it makes the run folder (configs/train.yaml,
+    hydra.callbacks): a single run's folder is checked and everything it builds is built here, so that a mistake is
+    refused in one line and no folder is made for it. resume=<folder> runs in that folder, with the config saved
+    there (train.main), and leaves Hydra's record of the first start as it is."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        users_full_error()
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        users_full_error()
+        if is_ddp_child():  # rank 0 checked and holds the folder; Lightning gave this rank its hydra.run.dir
+            return
+        try:
+            if config.get("resume") is not None:
+                others = [o for o in config.hydra.overrides.task if not o.startswith("resume=")]
+                pin_folder(config, resume_folder(str(config.resume), others), keep_record=True)
+                return
+            run_dir = planned_run_dir(config)
+            if run_dir is None:
+                return
+            check_folder(run_dir)
+            pin_folder(config, run_dir)
+            if not checked_in_the_run(config):
+                PREPARED[run_dir] = prepare_run(config, run_dir)
+        except UserError as e:
+            refused(e)
+        except KeyboardInterrupt:  # while preparing (a download, reading the data): nothing was written yet
+            print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
+            sys.exit(130)
+
+
+def prepare_run(config: DictConfig, run_dir: Path) -> Any:
+    """Every object of the run, built from the config less Hydra's node (prepare.py)."""
+    from cifarlab.prepare import prepare  # torch: only once the overrides have composed
+
+    task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+    # Lightning's lines show through the console handler it gives its logger, once: not through Hydra's as well
+    lightning_log = logging.getLogger("lightning")
+    lightning_log.propagate = False
     try:
-        from cifarlab.prepare import prepare
-
-        return prepare(cfg, run_dir, choices), [override("hydra.run.dir", run_dir)]
+        return prepare(task, run_dir, dict(config.hydra.runtime.choices))
     finally:
-        logging.getLogger().removeHandler(placeholder)
+        lightning_log.propagate = True
         quiet_lightning_console()
 
 
@@ -161,66 +200,54 @@ def quiet_lightning_console() -> None:
         logging.getLogger("lightning").handlers.clear()
 
 
-def task(prepared: Any) -> Callable[[DictConfig], Any]:
-    """The function Hydra runs in the run folder, with what was prepared; every error of the run ends here."""
+def run(cfg: DictConfig) -> Any:
+    """The task Hydra runs in the run folder; every error of the run ends here."""
+    schema.register()  # a launcher's worker restores the parent's Hydra state before each job: register again
+    try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            from cifarlab import sweep  # Lightning only once the job is not skipped as finished
 
-    def run(cfg: DictConfig) -> Any:
-        schema.register()  # a launcher's worker restores the parent's Hydra state before each job: register again
-        try:
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                from cifarlab import sweep  # Lightning only once the job is not skipped as finished
+            return sweep.job(cfg)  # each job prepares itself; its failures end in its failed.json
+        from cifarlab import train
 
-                return sweep.job(cfg)  # each job prepares itself; its failures end in its failed.json
-            from cifarlab import train
-
-            quiet_lightning_console()
-            return train.main(cfg, prepared)
-        except UserError as e:
-            to_train_log(f"error: {e}", logging.ERROR)
-            if full_error():
-                raise
-            refuse(str(e), e.exit_status)
-        except KeyboardInterrupt as e:  # train.Interrupted says how to go on; Ctrl-C outside training does not
-            where = HydraConfig.get().runtime.output_dir
-            print(f"\n{e}" if str(e) else f"\ninterrupted; continue with: cifarlab-train resume={where}", file=sys.stderr)
-            sys.exit(130)
-        except Exception as e:
-            train_log = Path(HydraConfig.get().runtime.output_dir) / "train.log"
-            to_train_log(f"failed: {type(e).__name__}: {e}", logging.ERROR, sys.exc_info())
-            if full_error():
-                raise
-            first = (str(e).strip().splitlines() or [""])[0]
-            refuse(f"{type(e).__name__}: {first} (full trace in {train_log})", 1)
-
-    return run
+        quiet_lightning_console()
+        return train.main(cfg, PREPARED.pop(Path(HydraConfig.get().runtime.output_dir), None))
+    except UserError as e:
+        to_train_log(f"error: {e}", logging.ERROR)
+        if full_error():
+            raise
+        refuse(str(e), e.exit_status)
+    except KeyboardInterrupt as e:  # train.Interrupted says how to go on; Ctrl-C outside training does not
+        where = HydraConfig.get().runtime.output_dir
+        print(f"\n{e}" if str(e) else f"\ninterrupted; continue with: cifarlab-train resume={where}", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        train_log = Path(HydraConfig.get().runtime.output_dir) / "train.log"
+        to_train_log(f"failed: {type(e).__name__}: {e}", logging.ERROR, sys.exc_info())
+        if full_error():
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        refuse(f"{type(e).__name__}: {first} (full trace in {train_log})", 1)
 
 
 def cli() -> None:
     """cifarlab-train: Hydra's command line, with every mistake refused in one line before Hydra makes a folder."""
-    schema.register()
-    args = sys.argv[1:]
-    given = [a for a in args if a.startswith("resume=")]
-    others = [a for a in args if a not in given]
-    prepared = None
+    global USERS_FULL_ERROR
+    USERS_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR")
+    # Hydra prints a refusal of the overrides over several lines; with its documented switch on it raises it, to be
+    # refused here in one line. BeforeTheFolder gives the run the user's own setting back once the config composed.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        if given and not is_ddp_child():  # a DDP rank re-runs rank 0's rewritten command line as it is
-            sys.argv = [sys.argv[0], *resume_overrides(given[-1].split("=", 1)[1], others)]
-        elif not given and not any(a.startswith("-") for a in args) and not is_ddp_child():
-            prepared, more = prepare_before_the_folder(others)
-            sys.argv += more
-    except UserError as e:
+        hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(run)()
+    except Exception as e:  # Hydra's refusal of the overrides, or unforeseen before the run had a folder
+        users_full_error()
         if full_error():
             raise
-        refuse(str(e), e.exit_status)
-    except KeyboardInterrupt:  # while preparing (a download, reading the data): nothing was written yet
-        print("\ninterrupted before the run started; nothing was written", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:  # unforeseen, and no run folder yet to hold the trace
-        if full_error():
-            raise
+        error = refusal(e, sys.argv[1:], compose)
+        if error is not None:
+            refuse(str(error), error.exit_status)
         first = (str(e).strip().splitlines() or [""])[0]
         refuse(f"{type(e).__name__}: {first} (before the run started; HYDRA_FULL_ERROR=1 shows the trace)", 1)
-    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(task(prepared))()
 
 
 if __name__ == "__main__":

@@ -81,7 +81,10 @@ class CifarModule(L.LightningModule):
             self._compiled = True
 
     def on_train_epoch_end(self) -> None:
-        log_epoch_now(self.trainer, {"train/acc": self.train_acc.compute()})  # compute() syncs DDP processes
+        acc = self.train_acc.compute()  # compute() syncs DDP processes
+        # For the callbacks (EarlyStopping(monitor="train/acc"), ModelCheckpoint), which run after this hook...
+        self.log("train/acc", acc, on_epoch=True, logger=False, sync_dist=True)
+        log_epoch_now(self.trainer, {"train/acc": acc})  # ...and for the loggers, before the epoch's checkpoint
         self.train_acc.reset()
 
     @property

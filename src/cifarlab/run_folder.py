@@ -14,10 +14,10 @@ import json
 import logging
 import os
 import re
-import shlex
 import shutil
 import socket
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -100,6 +100,32 @@ def slurm_run() -> str:
     return f"slurm job {job} start {int(os.environ.get('SLURM_RESTART_COUNT', '0')) + 1}" if job else ""
 
 
+class State(str, Enum):
+    """What a run folder holds, as its files say it."""
+
+    NEW = "new"  # nothing of a run, or only what a run killed before it read its data left (a dead lock)
+    FINISHED = "finished"  # metrics.json
+    STOPPED = "stopped"  # config.yaml or a last checkpoint, and no live run: resume= (a sweep: its job) continues it
+    IN_USE = "in use"  # a live run holds its lock
+
+
+def state(run_dir: Path) -> State:
+    """The one reading of a folder's state: the command line, resume=, sweep jobs and SLURM requeues act on it."""
+    if (run_dir / FINISHED).exists():
+        return State.FINISHED
+    if (run_dir / RUNNING).exists() and not lock_is_stale(run_dir):
+        return State.IN_USE
+    if (run_dir / SAVED_CONFIG).exists() or (run_dir / "checkpoints" / "last.ckpt").exists():
+        return State.STOPPED
+    return State.NEW
+
+
+def in_use(run_dir: Path, key: str = "hydra.run.dir") -> str:
+    lock = run_dir / RUNNING
+    return (f"{key}={run_dir}: another run is using this folder ({lock.read_text().strip()}); if that run is dead, "
+            f"delete {lock} first")
+
+
 def stopped_run(run_dir: Path) -> str:
     return (f"hydra.run.dir={run_dir}: holds a stopped run; continue it with `cifarlab-train resume={run_dir}` or "
             "choose another folder")
@@ -117,17 +143,18 @@ def holder() -> str:
 
 @contextlib.contextmanager
 def claim(run_dir: Path):
-    """Hold the run folder for this run alone; refuse a folder that holds a finished run or one in progress."""
-    if (run_dir / FINISHED).exists():
+    """Hold the run folder for this run alone, taking over the lock of a dead run; refuse a folder that holds a
+    finished run or one in progress."""
+    folder = state(run_dir)
+    if folder is State.FINISHED:
         raise RunFolderError(finished_run(run_dir))
     lock = run_dir / RUNNING
+    if folder is not State.IN_USE:
+        lock.unlink(missing_ok=True)  # its process is gone: killed
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        raise RunFolderError(
-            f"hydra.run.dir={run_dir}: another run is using this folder ({lock}: {lock.read_text().strip()}); "
-            f"if that run is dead, delete {lock} first"
-        ) from None
+        raise RunFolderError(in_use(run_dir)) from None
     slurm = f" ({slurm_run()})" if slurm_run() else ""  # what a requeued start of the job, or its other ranks, look for
     with os.fdopen(fd, "w") as f:
         f.write(f"{holder()}{slurm}\n")
@@ -174,42 +201,3 @@ def override(key: str, value: str | Path) -> str:
     # Hydra unescapes backslashes only before a quote or at the end of a quoted value
     quoted = re.sub(r"(\\*)('|$)", lambda m: m[1] * 2 + ("\\'" if m[2] else ""), str(value))
     return f"{key}='{quoted}'"
-
-
-def resume_overrides(folder: str, others: list[str]) -> list[str]:
-    """`resume=<folder>` -> the overrides that run Hydra in that folder without rewriting its .hydra/ record."""
-    run_dir = Path(folder).expanduser().resolve()  # the spelling Lightning's checkpoint paths were saved with
-    if others:
-        raise RunFolderError(f"resume={folder} with {' '.join(others)}: a resumed run continues with the config it "
-                             "started with; give resume=<run folder> alone, or start a new run to change anything")
-    if not run_dir.is_dir():
-        raise RunFolderError(f"resume={folder}: no such folder; give the run folder a run printed as 'logs: <folder>'")
-    if not (run_dir / SAVED_CONFIG).is_file():
-        record = run_dir / ".hydra" / "overrides.yaml"
-        if record.is_file():  # Hydra made it for a run that stopped (was refused, or killed) before it read its data
-            again = [str(o) for o in OmegaConf.load(record)]  # the task's overrides; Hydra's own are not in it
-            raise RunFolderError(f"resume={folder}: that run stopped before it had read its data (no {SAVED_CONFIG}), "
-                                 f"so there is nothing to continue; start it again: cifarlab-train "
-                                 f"{shlex.join([*again, f'hydra.run.dir={run_dir}'])}")
-        raise RunFolderError(f"resume={folder}: not a cifarlab run folder (no {SAVED_CONFIG}); give the folder a run "
-                             "printed as 'logs: <folder>'")
-    if (run_dir / FINISHED).exists():
-        raise RunFolderError(f"resume={folder}: that run finished ({FINISHED}); nothing to resume")
-    if (run_dir / RUNNING).exists():
-        if not lock_is_stale(run_dir):
-            holder = (run_dir / RUNNING).read_text().strip()
-            raise RunFolderError(f"resume={folder}: a run is still using this folder ({holder}); if it is dead, "
-                                 f"delete {run_dir / RUNNING} first")
-        (run_dir / RUNNING).unlink()  # its process is gone: killed
-    return [override("hydra.run.dir", run_dir), "hydra.output_subdir=null", override("resume", run_dir)]
-
-
-def saved_run(run_dir: Path) -> tuple[DictConfig, dict[str, str] | None, list[str] | None]:
-    """The config a run started with, and its option names and overrides from Hydra's record of the first start."""
-    cfg = OmegaConf.load(run_dir / SAVED_CONFIG)
-    hydra_record = run_dir / ".hydra" / "hydra.yaml"
-    record = OmegaConf.load(hydra_record) if hydra_record.exists() else None
-    choices = OmegaConf.select(record, "hydra.runtime.choices") if record is not None else None
-    overrides = OmegaConf.select(record, "hydra.overrides.task") if record is not None else None
-    return (cfg, dict(choices) if choices is not None else None,
-            OmegaConf.to_container(overrides) if overrides is not None else None)  # as typed, not resolved

@@ -18,10 +18,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cifarlab import cluster
+from cifarlab import cluster, launcher_checks
 from cifarlab.errors import ConfigError, UserError, refuse
-from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, SAVED_CONFIG, claim, config_sha, lock_is_stale, override,
-                                 set_aside, to_train_log, write_json)
+from cifarlab.resume import stopped
+from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, State, claim, config_sha, override, set_aside, state,
+                                 to_train_log, write_json)
 
 log = logging.getLogger("cifarlab")
 
@@ -37,24 +38,22 @@ def job(cfg: DictConfig) -> float:
     settle(cfg)  # the config as the run records it (absolute paths), so that config_sha compares like with like
     if cluster.rank() > 0:  # a DDP rank SLURM started beside rank 0, which alone decides about the folder
         return cluster.follow(cfg, run_dir, option_names)
-    finished = run_dir / FINISHED
-    if finished.exists():
-        done = json.loads(finished.read_text())
+    folder = state(run_dir)
+    if folder is State.FINISHED:
+        done = json.loads((run_dir / FINISHED).read_text())
         if done.get("config_sha") == config_sha(cfg):
             log.info("%s: finished before (%s); skipped", run_dir.name, "pruned" if done.get("pruned") else
                      f"test/acc {done['test_acc']:.4f}")
             return done["best_val_acc"]
         log.error("%s: holds a finished run of another config (see its config.yaml); left alone", run_dir)
         return float("nan")
-    if (run_dir / RUNNING).exists():
-        if not lock_is_stale(run_dir):  # another process is running this job: leave its folder alone
-            log.error("%s: in use by another run (%s); skipped", run_dir, (run_dir / RUNNING).read_text().strip())
-            return float("nan")
-        (run_dir / RUNNING).unlink()
+    if folder is State.IN_USE:  # another process is running this job: leave its folder alone
+        log.error("%s: in use by another run (%s); skipped", run_dir, (run_dir / RUNNING).read_text().strip())
+        return float("nan")
     if (run_dir / FAILED).exists():
         log.warning("%s: an earlier attempt failed; its files are kept in %s", run_dir, set_aside(run_dir).name)
     # An earlier attempt that was killed or interrupted (with or without a checkpoint) is continued in place.
-    resume = (run_dir / SAVED_CONFIG).exists() or (run_dir / "checkpoints" / "last.ckpt").exists()
+    resume = stopped(run_dir)
     if resume:
         log.warning("%s: an earlier attempt was stopped; continuing it", run_dir.name)
     from cifarlab import search_trial
@@ -92,13 +91,14 @@ class SweepOutcome(Callback):
         self.started = time.time()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Fetch the data once, before Hydra makes the sweep folder: offline and without it, one line and no folder."""
-        from cifarlab.prepare import fetch_data  # torchvision: only for a sweep
-
+        """Check the launcher's and sweeper's settings, then fetch the data once, before Hydra makes the sweep folder
+        and before anything is submitted: a mistake, or offline and without the data, is one line and no folder."""
         self.started = time.time()
-        mistake = cluster.launcher_mistake(config)  # before anything is submitted
+        mistake = launcher_checks.mistake(config) or cluster.launcher_mistake(config)
         if mistake:
             refuse(mistake)
+        from cifarlab.prepare import fetch_data  # torchvision: only for a sweep that goes ahead
+
         try:
             fetch_data(config.data)
         except UserError as e:

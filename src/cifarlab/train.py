@@ -21,13 +21,12 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab import checkpoint, events, inspection, provenance
-from cifarlab.errors import CheckpointError
+from cifarlab import checkpoint, inspection, provenance
 from cifarlab.model import count_parameters
 from cifarlab.assemble import Prepared
 from cifarlab.prepare import cpu_bf16, prepare
-from cifarlab.run_folder import (FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, remove_partial_writes,
-                                 saved_run, write_json)
+from cifarlab.resume import continue_from, saved_run
+from cifarlab.run_folder import FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, write_json
 
 log = logging.getLogger("cifarlab")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resumed run's
@@ -79,7 +78,7 @@ def run(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = No
     extra_callbacks: measuring tools (scripts/), beside the configured ones."""
     p = prepared or prepare(cfg, run_dir, option_names, resume=resume, extra_callbacks=extra_callbacks)
     log.info("precision: %s (%s)", p.precision, p.precision_why)
-    ckpt_path = resume_point(run_dir, p.model, p.sha, owner=not is_ddp_child()) if resume else None
+    ckpt_path = continue_from(run_dir, p.model, p.sha, owner=not is_ddp_child()) if resume else None
     if not (run_dir / SAVED_CONFIG).exists() and not is_ddp_child():  # what resume= continues with
         text = OmegaConf.to_yaml(p.cfg, resolve=True)
         atomic_write(run_dir / SAVED_CONFIG, lambda f: f.write(text.encode()))
@@ -104,33 +103,6 @@ def run(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = No
     log_hparams(p.trainer, hparams(p, metrics), {k: metrics[k] for k in HPARAMS_METRICS})
     write_json(run_dir / FINISHED, metrics)  # last: its presence marks the run finished
     return metrics
-
-
-def resume_point(run_dir: Path, model: torch.nn.Module, sha: str, owner: bool = True) -> str | None:
-    """The checkpoint a stopped run continues from (None: it stopped before its first epoch ended, so it starts
-    again), after dropping the TensorBoard events logged after that checkpoint."""
-    last = run_dir / "checkpoints" / checkpoint.LAST
-    if not owner:  # a DDP rank > 0: rank 0 tidies the folder
-        return str(last) if last.exists() else None
-    for path in remove_partial_writes(run_dir / "checkpoints") + remove_partial_writes(run_dir):
-        log.warning("%s: removed %s, a write the kill interrupted (the file it was replacing is whole)",
-                    run_dir.name, path.name)
-    if not last.exists():
-        dropped = events.trim(run_dir, None)
-        log.warning("%s: no checkpoint (stopped before its first epoch ended): starting it again; %d TensorBoard "
-                    "events of the stopped attempt dropped", run_dir.name, dropped)
-        return None
-    ckpt = checkpoint.read_checkpoint(last, f"resume={last}")
-    stamp = checkpoint.stamp(ckpt)
-    if stamp.get("config_sha") != sha:
-        raise CheckpointError(f"resume={last}: written by a run of another config than {run_dir / SAVED_CONFIG} "
-                              "(edited since?); start a new run instead")
-    checkpoint.check_architecture(checkpoint.network_weights(ckpt, f"resume={last}"), model, f"resume={last}")
-    dropped = events.trim(run_dir, stamp["saved_at"])
-    log.warning("%s: continuing after epoch %d (step %d) from %s; %d TensorBoard events logged after that "
-                "checkpoint dropped (the resumed run logs those steps again)",
-                run_dir.name, ckpt["epoch"] + 1, ckpt["global_step"], last.relative_to(run_dir), dropped)
-    return str(last)
 
 
 def fit(p: Prepared, ckpt_path: str | None, run_dir: Path) -> None:
