@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOGDIR ?= outputs
 
-.PHONY: train test tensorboard install clean-venv
+.PHONY: train test test-fast tensorboard install clean-venv
 
 # Re-install when the declared dependencies change.
 $(STAMP): pyproject.toml constraints.txt
@@ -22,9 +22,13 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/cifarlab-train $(ARGS)
 
-# Extra pytest arguments: make test ARGS="-k model -x"; ARGS="-m 'not slow'" leaves out the tests of scripts/
+# Extra pytest arguments: make test ARGS="-k model -x". CI runs make test: every test.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The edit loop (about 2 min on 2 cores): every test but those marked slow (end-to-end runs, the measuring tools)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 # TensorBoard on outputs/ (or LOGDIR=<a run or sweep folder>), on 127.0.0.1 and a free port it prints first
 tensorboard: $(STAMP)

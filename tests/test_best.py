@@ -93,6 +93,7 @@ def test_ablate_adamw_uses_adamws_own_learning_rate_not_the_recipes_sgd_rate():
     assert adamw.optimizer.lr == pytest.approx(0.003 * (128 / 256) ** 0.5)
 
 
+@pytest.mark.slow  # a sweep through the real command line
 def test_the_ablation_sweep_covers_every_option_and_compares_each_row_with_the_recipe(tmp_path):
     """sweep=best_ablation runs every configs/ablate/ option; the report's baseline is ablate=none, not the
     documented model (which an ablation of experiment=best does not contain)."""

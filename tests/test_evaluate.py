@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 from cifarlab.evaluate import checkpoint_file, run_config, run_precision, score, views
 from conftest import compose_config, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 EVAL = Path(sys.executable).parent / "cifarlab-eval"
 
 

@@ -13,6 +13,8 @@ import pytest
 
 from conftest import CLI, run_cli
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 TINY = ["data=synthetic", "data.n_train=600", "data.n_test=100", "trainer.max_epochs=1", "callbacks=plain"]
 # Test instrument, found on PYTHONPATH when the process starts: the optimizer's step raises, as a bug deep inside
 # training would. Nothing in cifarlab can foresee it.

@@ -15,6 +15,8 @@ import pytest
 from cifarlab import board
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 SHORTER = {"train": "trainer.max_epochs=1", "sweep": "seed=0 trainer.max_epochs=1"}
 EPOCH_LINE = re.compile(r"^.*epoch \d+/1: train/loss \d+\.\d{4}, val/loss \d+\.\d{4}, val/acc \d\.\d{4}, lr \S+, "
                         r"\d+\.\d s$", re.M)

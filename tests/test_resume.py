@@ -19,6 +19,8 @@ from tensorboard.util import tensor_util
 from cifarlab import checkpoint, prepare, run_folder, train
 from conftest import CLI, compose_config, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 # Dropout and RReLU draw from the global RNG every step, so equal results need the RNG restored too. Logging every
 # step makes the event file grow during an epoch, so a kill can be timed after events were written. bf16 autocast,
 # as `auto` picks on a CPU that computes bf16 (and emulated on one that does not): exact resume must hold there too.

@@ -23,6 +23,8 @@ from cifarlab import search, search_study
 from cifarlab.errors import ConfigError
 from conftest import CLI, REPO, run_cli
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 EPOCHS = 3
 N_TRIALS = 4
 # Half the learning rates cannot learn (1e-7), so the median pruner must stop trials; made-up data, 3 short epochs,

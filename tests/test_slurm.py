@@ -19,6 +19,8 @@ from conftest import CLI, read_metrics, run_cli
 from test_resume import assert_same_run, wait_for
 from test_sweeps import job_folders
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 REPORT = Path(sys.executable).parent / "cifarlab-report"
 EPOCHS = 4
 # A job of a few seconds on the stand-in subset: 8 steps of 64 images an epoch. Dropout and RReLU draw from the

@@ -54,6 +54,7 @@ def random_table(rng: np.random.Generator) -> tuple[dict[int, float], list[dict[
     return base, rows
 
 
+@pytest.mark.slow  # hundreds of random tables
 def test_verdicts_agree_with_the_printed_intervals_and_p_values_with_scipy_on_random_tables():
     rng = np.random.default_rng(0)
     kinds, verdicts = set(), set()
@@ -161,6 +162,7 @@ def simulated_power(effect: float, n: int, paired: bool, alpha: float, rng, reps
     return float(np.mean(p < alpha))
 
 
+@pytest.mark.slow  # a simulation per effect size
 @pytest.mark.parametrize("paired", [True, False])
 def test_seeds_needed_matches_simulation_from_small_to_huge_effects_and_any_row_count(paired):
     rng = np.random.default_rng(1)

@@ -25,6 +25,8 @@ from cifarlab import board, stats
 from cifarlab.prepare import prepare
 from conftest import CONFIG_DIR, compose_config, get, option_names, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 # A job shrunk to seconds: made-up data, one batch of each split, no inspection.
 TINY = ["data=synthetic", "data.n_train=300", "data.n_test=100", "trainer.max_epochs=1",
         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
@@ -287,6 +289,7 @@ import atexit, json, os
 from pathlib import Path
 import torch.nn.parallel as par
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
 
 count = {"syncs": 0}
 

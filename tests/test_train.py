@@ -16,6 +16,8 @@ from cifarlab import batches, build, cifar10, datamodule, prepare, train
 from cifarlab.model import count_parameters
 from conftest import compose_config, option_names, read_metrics, run_cli
 
+pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
+
 METRIC_KEYS = {"test_acc", "best_val_acc", "params", "epochs", "epoch_s", "train_img_per_s", "data_source"}
 SCALARS = {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "test/loss", "test/acc", "time/epoch_s",
            "time/train_img_per_s"}
