@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
+import torch
 from omegaconf import OmegaConf
 
+from cifarlab import build
 from cifarlab.evaluate import checkpoint_file, run_config, run_precision, score, views
+from cifarlab.module import CifarModule
 from conftest import compose_config, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow  # trains end to end through the command line: make test runs it, test-fast does not
@@ -87,6 +89,12 @@ def test_a_run_with_test_time_views_is_scored_with_them_and_without(tmp_path):
     n_test = report["n_test"]
     assert report["test_acc"] == pytest.approx(metrics["test_acc"], abs=1.01 / n_test)
     assert report["test_acc_no_tta"] == pytest.approx(metrics["test_acc_no_tta"], abs=1.01 / n_test)
+    # A Lightning user's way back to the module: its settings come from the checkpoint, the network is given
+    ckpt = checkpoint_file(run_dir, None)
+    module = CifarModule.load_from_checkpoint(ckpt, model=build.network(cfg.model), optimizer=None)
+    assert (module.test_flips, module.test_shift, module.memory_format) == (True, 1, torch.channels_last)
+    weights = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
 
 
 def test_test_checkpoint_last_tests_the_final_weights_and_eval_follows(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -62,39 +63,35 @@ def run_precision(run_dir: Path, cfg: DictConfig) -> str:
 
 
 def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int, precision: str) -> dict[str, Any]:
-    """Accuracy (and per class) with the views (flips, shift) and on the images alone, of ckpt on cfg's test split,
-    under the autocast of `precision` (a Lightning precision name)."""
-    import torch
+    """Accuracy (and per class) with the views (flips, shift) and on the images alone, of ckpt on cfg's test split:
+    Lightning's test loop, in `precision` (a Lightning precision name)."""
+    import lightning as L
 
-    from cifarlab import build, checkpoint, prepare
+    from cifarlab import assemble, build, checkpoint, prepare  # noqa: F401  assemble filters Lightning's notes
     from cifarlab.batches import val_count
     from cifarlab.datamodule import CifarDataModule
     from cifarlab.module import CifarModule
 
     model = build.network(cfg.model)
-    checkpoint.load_weights(model, ckpt, str(ckpt))
+    checkpoint.load_weights(model, ckpt, str(ckpt))  # a Lightning checkpoint or a state_dict of this architecture
     arrays = prepare.load_data(cfg.data, cfg.data.split_seed)
     dm = CifarDataModule(arrays, val_count(cfg.data.val_size, len(arrays.train_y)), cfg.data.split_seed,
                          cfg.data.batch_size, cfg.data.eval_batch_size, cfg.data.normalize, False, 0, cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = CifarModule(model, None, channels_last=cfg.channels_last, test_flips=flips, test_shift=shift)
-    module = module.to(device, memory_format=module.memory_format).eval()
-    with_views, alone, labels = [], [], []
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for x, y in dm.test_dataloader():
-            logits, single = module.tta_logits(x.to(device))
-            with_views.append(logits.argmax(1).cpu()), alone.append(single.argmax(1).cpu()), labels.append(y)
-    y = torch.cat(labels)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # which accelerators there are: not for this tool
+    trainer = L.Trainer(accelerator="auto", devices=1, precision=precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    alone = "_no_tta" if module.tta else ""  # without views, the images alone are all there is
 
-    def accuracy(predicted: list[torch.Tensor]) -> tuple[float, dict[str, float]]:
-        hit = torch.cat(predicted) == y
-        return hit.float().mean().item(), {c: hit[y == i].float().mean().item() for i, c in enumerate(arrays.classes)}
+    def per_class(prefix: str) -> dict[str, float]:
+        return {c: test[f"{prefix}/{c}"] for c in arrays.classes}
 
-    (acc, per_class), (acc_alone, per_class_alone) = accuracy(with_views), accuracy(alone)
-    return {"test_acc": acc, "test_acc_no_tta": acc_alone, "views": {"flips": flips, "shift": shift},
-            "per_class": per_class, "per_class_no_tta": per_class_alone, "n_test": len(y),
-            "data_source": arrays.source, "data_root": arrays.root, "device": str(device), "precision": precision}
+    return {"test_acc": test["test/acc"], "test_acc_no_tta": test[f"test/acc{alone}"],
+            "views": {"flips": flips, "shift": shift}, "per_class": per_class("test/acc_class"),
+            "per_class_no_tta": per_class(f"test/acc_class{alone}"), "n_test": len(dm.test_y),
+            "data_source": arrays.source, "data_root": arrays.root, "device": str(trainer.strategy.root_device),
+            "precision": precision}
 
 
 def views(cfg: DictConfig, flips: bool | None, shift: int | None) -> tuple[bool, int]:

@@ -275,8 +275,8 @@ class WeightHistograms(Callback):
 
 
 class EvaluationFigures(Callback):
-    """On the test set: a confusion matrix, per-class accuracy (figure and test/acc_class/<name> scalars), and a
-    grid of misclassified images with their true and predicted classes."""
+    """On the test set: a confusion matrix, per-class accuracy (a figure; the scalars are the module's), and a grid of
+    misclassified images with their true and predicted classes."""
 
     def __init__(self, misclassified: int = 32):
         self.max_wrong = misclassified
@@ -295,9 +295,7 @@ class EvaluationFigures(Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         classes = trainer.datamodule.classes
         counts = self.confmat.compute().cpu()  # (true, predicted)
-        per_class = counts.diag() / counts.sum(1).clamp_min(1)
-        for name, acc in zip(classes, per_class.tolist()):
-            pl_module.log(f"test/acc_class/{name}", acc)
+        per_class = counts.diag() / counts.sum(1).clamp_min(1)  # the module logs test/acc_class/<name>
         writer = tensorboard(trainer)
         if writer is None:
             return

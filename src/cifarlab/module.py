@@ -44,6 +44,8 @@ class CifarModule(L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        # load_from_checkpoint(path, model=<a CifarNet>, optimizer=None) restores the rest; not shown in the loggers
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
         self.model = model
         self.compile_model = compile  # torch.compile in place: the state_dict keys, and so checkpoints, stay the same
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -57,6 +59,8 @@ class CifarModule(L.LightningModule):
         acc = lambda: MulticlassAccuracy(num_classes, average="micro", validate_args=False)  # noqa: E731
         self.train_acc, self.val_acc, self.test_acc = acc(), acc(), acc()
         self.test_acc_no_tta = acc()  # with test-time views: the same checkpoint on the images alone, for comparison
+        per_class = lambda: MulticlassAccuracy(num_classes, average=None, validate_args=False)  # noqa: E731
+        self.test_acc_class, self.test_acc_class_no_tta = per_class(), per_class()
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in the checkpoint: a resumed run keeps the best so far
@@ -120,18 +124,11 @@ class CifarModule(L.LightningModule):
         """(B, 10) logits for validation and testing (the model in eval mode), over the test-time views."""
         return self.tta_logits(x)[0]
 
-    def _eval_step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy,
-                   single_view_acc: MulticlassAccuracy | None = None) -> torch.Tensor:
-        x, y = batch
-        logits, alone = self.tta_logits(x)
-        if self.tta and single_view_acc is not None:
-            single_view_acc.update(alone, y)
-        loss_metric.update(self.criterion(logits, y), weight=len(y))
-        acc_metric.update(logits, y)
-        return logits.argmax(1)  # (B,) predictions, for the test figures
-
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_loss, self.val_acc)
+        x, y = batch
+        logits = self.eval_logits(x)
+        self.val_loss.update(self.criterion(logits, y), weight=len(y))
+        self.val_acc.update(logits, y)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
@@ -144,14 +141,27 @@ class CifarModule(L.LightningModule):
             self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._eval_step(batch, self.test_loss, self.test_acc, self.test_acc_no_tta)
+        x, y = batch
+        logits, alone = self.tta_logits(x)
+        self.test_loss.update(self.criterion(logits, y), weight=len(y))
+        self.test_acc.update(logits, y), self.test_acc_class.update(logits, y)
+        if self.tta:
+            self.test_acc_no_tta.update(alone, y), self.test_acc_class_no_tta.update(alone, y)
+        return logits.argmax(1)  # (B,) predictions, for the test figures
 
     def on_test_epoch_end(self) -> None:
+        names = getattr(self.trainer.datamodule, "classes", None) or range(self.hparams.num_classes)
         self.log("test/loss", self.test_loss.compute(), sync_dist=True)
         self.log("test/acc", self.test_acc.compute(), sync_dist=True)
+        for name, acc in zip(names, self.test_acc_class.compute()):
+            self.log(f"test/acc_class/{name}", acc, sync_dist=True)
         if self.tta:  # what the test-time views bought, measured on the same checkpoint and images
             self.log("test/acc_no_tta", self.test_acc_no_tta.compute(), sync_dist=True)
-        self.test_loss.reset(), self.test_acc.reset(), self.test_acc_no_tta.reset()
+            for name, acc in zip(names, self.test_acc_class_no_tta.compute()):
+                self.log(f"test/acc_class_no_tta/{name}", acc, sync_dist=True)
+        for metric in (self.test_loss, self.test_acc, self.test_acc_class, self.test_acc_no_tta,
+                       self.test_acc_class_no_tta):
+            metric.reset()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
