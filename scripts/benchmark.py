@@ -106,7 +106,8 @@ class BareLoop:
     pre-normalised device tensors. No Lightning, no augmentation, no logging: step(idx) is the whole training step."""
 
     def __init__(self, cfg, arrays, device: torch.device):
-        from cifarlab import batches, build, prepare
+        from cifarlab import build, prepare
+        from cifarlab.data import batches
 
         torch.manual_seed(cfg.seed)
         fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -310,7 +311,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     epochs, max_batches = (2, 3) if args.quick else (args.epochs, None)
 
-    from cifarlab import batches, cifar10, prepare
+    from cifarlab import prepare
+
+    from cifarlab.data import batches, cifar10
 
     overrides = [f"data.root={Path(args.data_root).resolve()}", f"threads={torch.get_num_threads()}", *args.overrides]
     cfg = compose(overrides)
@@ -347,7 +350,7 @@ def main() -> None:
     if args.rounds > 1:  # each round's own ratios: how far one round can be trusted on this machine
         for name, r in results.items():
             r["train_img_per_s_by_round"] = [round(x["train_img_per_s"], 1) for x in rounds[name]]
-        ratios_by_round = {k: [round(x["train_img_per_s"] / y["train_img_per_s"], 3)
+        ratios_by_round = {k: [round(x["train_img_per_s"] / y["train_img_per_s"], 4)
                                for x, y in zip(rounds[k.split("/")[0]], rounds[k.split("/")[1]])] for k in ratios}
     out = {
         "device": device_name(device),

@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="measurements per option and precision (default 3)")
     p.add_argument("--only", help="comma-separated option names (e.g. pool=blurmax,experiment=best)")
     args = p.parse_args()
-    from cifarlab import cifar10
+    from cifarlab.data import cifar10
 
     device = torch.device("cpu")  # the question is the CPU's; a GPU's bf16 is never slower here
     root = str(Path(args.data_root).resolve())

@@ -74,7 +74,9 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="cifarlab config overrides (e.g. callbacks=plain data.batch_size=1024)")
     args = p.parse_args()
 
-    from cifarlab import batches, cifar10, prepare, train
+    from cifarlab import prepare, train
+
+    from cifarlab.data import batches, cifar10
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     activities = [torch.profiler.ProfilerActivity.CPU]

@@ -152,7 +152,7 @@ def test_profile_step_profiles_cifarlab_and_the_bare_loop(tmp_path, subset_root)
                  r"bare unprofiled: \d+\.\d+ ms/step", r"==== cifarlab callbacks=plain .*: top by self CPU",
                  r"==== bare: top by self CPU", r"aten::convolution"):
         assert re.search(line, result.stdout), line
-    from cifarlab import batches, cifar10
+    from cifarlab.data import batches, cifar10
 
     n = len(cifar10.load_cifar10(subset_root, download=False).train_y)
     per_epoch = (n - batches.val_count(0.1, n)) // 256  # the default config's split and batch size

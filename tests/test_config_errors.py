@@ -227,7 +227,7 @@ def test_a_folder_without_config_yaml_says_how_to_start_it_again(tmp_path):
 
 @pytest.mark.slow  # the real command line, as a subprocess
 def test_cli_refuses_a_data_folder_missing_files_before_making_a_run_folder(tmp_path):
-    from cifarlab import cifar10
+    from cifarlab.data import cifar10
 
     folder = tmp_path / "cifar" / cifar10.FOLDER
     folder.mkdir(parents=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import batches, cifar10, datamodule
-from cifarlab.batches import DeviceBatches, Normalize
+from cifarlab.data import batches, cifar10, datamodule
+from cifarlab.data.batches import DeviceBatches, Normalize
 from cifarlab.errors import DataError
 
 UNREACHABLE = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # refused at once: no test ever downloads

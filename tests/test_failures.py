@@ -98,7 +98,7 @@ def test_a_failed_download_is_refused_in_one_line_and_leaves_no_folder(tmp_path,
 def test_an_error_from_submitits_own_requeue_is_a_requeue_not_a_failure():
     """On USR2 submitit runs `scontrol requeue`; when SLURM's stop kills that call first, the job must not record a
     failure (the next start would set its checkpoint aside and start over)."""
-    from cifarlab import cluster
+    from cifarlab.sweep import cluster
 
     def checkpoint_and_try_requeue():  # the name of submitit's handler, as the traceback shows it
         raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "9"])

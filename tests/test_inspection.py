@@ -19,7 +19,9 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cifarlab import batches, board, build, cifar10, datamodule, inspection
+from cifarlab import board, build, inspection
+
+from cifarlab.data import batches, cifar10, datamodule
 from conftest import REPO, compose_config, get, option_names, read_metrics, run_cli
 
 PAD = inspection.GRID_PADDING

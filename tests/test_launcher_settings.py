@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab.launcher_checks import BASIC_SWEEPER, JOBLIB, OPTUNA, RULES, SLURM, mistake, nodes
+from cifarlab.sweep.launcher_checks import BASIC_SWEEPER, JOBLIB, OPTUNA, RULES, SLURM, mistake, nodes
 from conftest import CONFIG_DIR, option_names, run_cli
 
 TPE, RANDOM = "optuna.samplers.TPESampler", "optuna.samplers.RandomSampler"

@@ -36,7 +36,7 @@ def test_lightning_callbacks_from_the_command_line_work_at_the_defaults(tmp_path
                      "+callbacks.lr.logging_interval=step",
                      "+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging",
                      "+callbacks.speed._target_=lightning.pytorch.callbacks.ThroughputMonitor",
-                     "+callbacks.speed.batch_size_fn._target_=cifarlab.batches.images_in",
+                     "+callbacks.speed.batch_size_fn._target_=cifarlab.data.batches.images_in",
                      "+callbacks.speed.batch_size_fn._partial_=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = scalars(run_dir)

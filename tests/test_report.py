@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from scipy import stats as scipy_stats
 
-from cifarlab import report, report_plot, stats
-from cifarlab.sweep_results import baseline_row, collect
+from cifarlab.report import plot as report_plot, stats, summary as report
+from cifarlab.report.results import baseline_row, collect
 
 SEEDS = range(7)
 NOISE = [0.31, -0.12, 0.05, -0.27, 0.18, -0.02, 0.09]

@@ -19,7 +19,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarlab import search, search_study
+from cifarlab.search import optuna_sweep as search, study as search_study
 from cifarlab.errors import ConfigError
 from conftest import CLI, REPO, run_cli
 

@@ -1,4 +1,4 @@
-"""The statistics of the sweep report (stats.py, report.summarize/table) against scipy, against simulation, and on
+"""The statistics of the sweep report (report/stats.py, report/summary.py) against scipy, against simulation, and on
 cases a reader can check by hand."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from cifarlab import report, stats
-from cifarlab.sweep_results import Job, Row
+from cifarlab.report import stats, summary as report
+from cifarlab.report.results import Job, Row
 
 
 def make_row(name: str, accs: dict[int, float]) -> Row:

@@ -21,7 +21,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarlab import board, stats
+from cifarlab import board
+
+from cifarlab.report import stats
 from cifarlab.prepare import prepare
 from conftest import CONFIG_DIR, compose_config, get, option_names, read_metrics, run_cli
 

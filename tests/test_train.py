@@ -12,7 +12,9 @@ import torch
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cifarlab import batches, build, cifar10, datamodule, prepare, train
+from cifarlab import build, prepare, train
+
+from cifarlab.data import batches, cifar10, datamodule
 from cifarlab.model import count_parameters
 from conftest import compose_config, option_names, read_metrics, run_cli
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from cifarlab.build import first_line
 from cifarlab.checkpoint import AtomicCheckpointIO, ResumePoint
-from cifarlab.cifar10 import CifarArrays
-from cifarlab.datamodule import CifarDataModule
+from cifarlab.data.cifar10 import CifarArrays
+from cifarlab.data.datamodule import CifarDataModule
 from cifarlab.errors import ConfigError
 from cifarlab.module import CifarModule
 from cifarlab.progress import EpochSummary, StopOnNonFiniteLoss

@@ -4,7 +4,7 @@ argv -> Hydra composes the config, once (its refusals, and the schema's types, a
 BeforeTheFolder.on_run_start: the run folder's state (finished, stopped, in use) and everything the run builds
 (prepare.py: each value and layer, the data, the trainer) -> Hydra makes the run folder -> run() hands train.main
 what was prepared. resume=<run folder> runs in that folder with the config saved there (resume.py); -m sweeps
-prepare each job in the job (sweep.py).
+prepare each job in the job (sweep/job.py).
 
 Every error a run raises ends here: a UserError as its own line; anything else as one line naming the run's
 train.log, where the trace is (HYDRA_FULL_ERROR=1 shows it here as well). No torch is imported until the overrides
@@ -205,7 +205,7 @@ def run(cfg: DictConfig) -> Any:
     schema.register()  # a launcher's worker restores the parent's Hydra state before each job: register again
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            from cifarlab import sweep  # Lightning only once the job is not skipped as finished
+            from cifarlab.sweep import job as sweep  # Lightning only once the job is not skipped as finished
 
             return sweep.job(cfg)  # each job prepares itself; its failures end in its failed.json
         from cifarlab import train

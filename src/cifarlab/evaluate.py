@@ -68,8 +68,8 @@ def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int, precision: str) 
     import lightning as L
 
     from cifarlab import assemble, build, checkpoint, prepare  # noqa: F401  assemble filters Lightning's notes
-    from cifarlab.batches import val_count
-    from cifarlab.datamodule import CifarDataModule
+    from cifarlab.data.batches import val_count
+    from cifarlab.data.datamodule import CifarDataModule
     from cifarlab.module import CifarModule
 
     model = build.network(cfg.model)

@@ -1,7 +1,7 @@
 """A run's objects, built once from its config: everything a user can get wrong fails here, cheapest check first.
 
 schema ranges and the _target_ allowlist (no torch) -> the network, optimizer and schedule (torch: build.py) -> the
-data, fetched and read (torchvision: cifar10.py) -> the datamodule, module, callbacks, loggers and trainer
+data, fetched and read (torchvision: data/cifar10.py) -> the datamodule, module, callbacks, loggers and trainer
 (Lightning: assemble.py). cifarlab-train runs it before Hydra makes the run folder and hands the result to the run;
 a sweep's job, a resumed run and a DDP rank run it themselves.
 """
@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig
 
 from cifarlab import build, schema
-from cifarlab.batches import val_count
+from cifarlab.data.batches import val_count
 from cifarlab.errors import ConfigError
 from cifarlab.run_folder import config_sha
 
 if TYPE_CHECKING:
     from cifarlab.assemble import Prepared
-    from cifarlab.cifar10 import CifarArrays
+    from cifarlab.data.cifar10 import CifarArrays
 
 
 # The float functions ATen hands to MKL's vector math library (VML): the IMPLEMENT_VML_MKL lines of torch's
@@ -53,14 +53,14 @@ def resolve_vml_kernels() -> None:
 def fetch_data(data_cfg: DictConfig) -> None:
     """Download or unpack CIFAR-10 where data.root lacks it (nothing for data=synthetic): a sweep does it once,
     before its jobs start."""
-    from cifarlab import cifar10  # torchvision: only where there is data to fetch
+    from cifarlab.data import cifar10  # torchvision: only where there is data to fetch
 
     if data_cfg.name == "cifar10":
         cifar10.locate(Path(data_cfg.root).expanduser().resolve(), data_cfg.download, data_cfg.url, data_cfg.md5)
 
 
 def load_data(data_cfg: DictConfig, seed: int) -> CifarArrays:
-    from cifarlab import cifar10  # torchvision: only once the values have passed
+    from cifarlab.data import cifar10  # torchvision: only once the values have passed
 
     if data_cfg.name == "synthetic":  # the run says so in its log and in TensorBoard
         return cifar10.make_synthetic(data_cfg.n_train or 5000, data_cfg.n_test or 1000, data_cfg.noise or 0.0, seed)

@@ -38,7 +38,7 @@ class Interrupted(KeyboardInterrupt):
 
 def main(cfg: DictConfig, prepared: Prepared | None = None) -> float | None:
     """The run that cifarlab-train starts (cli.py) once Hydra has composed the config and made its folder (a sweep's
-    jobs start in sweep.py)."""
+    jobs start in sweep/job.py)."""
     runtime = HydraConfig.get().runtime
     run_dir = Path(runtime.output_dir)
     option_names, overrides, resume = dict(runtime.choices), None, cfg.get("resume") is not None
@@ -119,10 +119,10 @@ def fit(p: Prepared, ckpt_path: str | None, run_dir: Path) -> None:
 
 
 def pruned_after(p: Prepared) -> int | None:
-    """The epoch a search's pruner stopped this run after (search_trial.py); None when it ran to its end."""
+    """The epoch a search's pruner stopped this run after (search/trial.py); None when it ran to its end."""
     if p.cfg.get("trial") is None:
         return None
-    from cifarlab import search_trial  # optuna: only in a search
+    from cifarlab.search import trial as search_trial  # optuna: only in a search
 
     return search_trial.pruned_after(p.trainer)
 

@@ -1,6 +1,6 @@
 """cifarlab's Optuna search as a Hydra sweeper plugin (configs/hydra/sweeper/optuna.yaml names it).
 
-Hydra accepts plugins only from this namespace; the search itself is src/cifarlab/search.py. Hydra imports this
+Hydra accepts plugins only from this namespace; the search itself is src/cifarlab/search/optuna_sweep.py. Hydra imports this
 module on every start to find its plugins, so it imports neither Optuna nor torch.
 """
 
@@ -27,7 +27,7 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        from cifarlab import search
+        from cifarlab.search import optuna_sweep as search
         from cifarlab.errors import UserError, refuse
 
         try:

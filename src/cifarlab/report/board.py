@@ -20,8 +20,8 @@ from tensorboard.compat.proto.types_pb2 import DT_STRING
 from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
-from cifarlab import stats
-from cifarlab.sweep_results import Job, Row
+from cifarlab.report import stats
+from cifarlab.report.results import Job, Row
 
 METRICS = ("val/acc", "val/loss")
 CATEGORY = "seed bands: mean and 95% interval over seeds, per configuration"

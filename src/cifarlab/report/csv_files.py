@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from cifarlab.run_folder import FAILED
-from cifarlab.sweep_results import Job, Row, job_number
+from cifarlab.report.results import Job, Row, job_number
 
 CSV_FIELDS = ["configuration", "seeds", "failed", "test_acc_mean", "test_acc_std", "ci95_low", "ci95_high", "delta",
               "delta_ci_low", "delta_ci_high", "delta_ci_level", "test", "pairs", "same_side", "p", "p_adjusted",

@@ -1,7 +1,7 @@
 """`cifarlab-train -m hparams_search=<name>`: an Optuna study run as a Hydra sweep (the sweeper plugin in
 src/hydra_plugins/cifarlab_search/ calls this). Each trial is a job of Hydra's launcher (basic, parallel or slurm) in
-a folder of its own; the job reports val/acc per epoch to its trial, and the study's pruner may stop it (sweep.py,
-search_trial.py).
+a folder of its own; the job reports val/acc per epoch to its trial, and the study's pruner may stop it (sweep/job.py,
+trial.py).
 
 search space (hydra.sweeper.params and the command line, checked at every bound) -> the study, held by this sweep
 alone -> trials that a killed sweep left running marked failed and asked again, in their own folders -> batches of
@@ -26,8 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import TrialState
 
-from cifarlab import search_study
-from cifarlab.search_study import FOLDER
+from cifarlab.search import study as search_study
+from cifarlab.search.study import FOLDER
 from cifarlab.errors import ConfigError, RunFolderError
 from cifarlab.run_folder import FAILED, FINISHED, holder
 
@@ -179,7 +179,8 @@ def run(sweeper: Any, arguments: list[str]) -> list[Any]:
             for trial, overrides in batch:
                 outcome = tell(study, trial, sweep_dir / overrides[-1].split("=", 1)[1])
                 log.info("trial %d: %s", trial.number, outcome)
-        from cifarlab import report, search_plots  # matplotlib: only at the end
+        from cifarlab.report import summary as report  # matplotlib: only at the end
+        from cifarlab.search import plots as search_plots
 
         logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its reader logs every event file it opens
 

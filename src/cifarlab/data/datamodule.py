@@ -6,8 +6,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from cifarlab.batches import DeviceBatches, Normalize, channel_stats, split_indices
-from cifarlab.cifar10 import CifarArrays
+from cifarlab.data.batches import DeviceBatches, Normalize, channel_stats, split_indices
+from cifarlab.data.cifar10 import CifarArrays
 
 
 class CifarDataModule(L.LightningDataModule):

@@ -1,7 +1,7 @@
 """Is a row of a sweep different from its baseline by more than seed-to-seed noise? Intervals over seeds, a
 difference paired by seed, one test whose interval and verdict agree, and the seeds a real difference would need.
 
-Pure numbers (scipy): report.py feeds it accuracies per seed. The choices, in one place (report.md repeats them):
+Pure numbers (scipy): summary.py feeds it accuracies per seed. The choices, in one place (report.md repeats them):
 - intervals of a row's mean are 95 % t-intervals: with 3-10 seeds a bootstrap has too few values to resample;
 - Δ is paired on the seeds both rows ran (same seed = same split, init and batch order, so the pairing removes what
   the two rows share); a lost job costs one pair, not the pairing. Welch's unpaired difference only when fewer than

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from cifarlab import cluster, launcher_checks
+from cifarlab.sweep import cluster, launcher_checks
 from cifarlab.errors import ConfigError, UserError, refuse
 from cifarlab.resume import stopped
 from cifarlab.run_folder import (FAILED, FINISHED, RUNNING, State, claim, config_sha, override, set_aside, state,
@@ -56,7 +56,7 @@ def job(cfg: DictConfig) -> float:
     resume = stopped(run_dir)
     if resume:
         log.warning("%s: an earlier attempt was stopped; continuing it", run_dir.name)
-    from cifarlab import search_trial
+    from cifarlab.search import trial as search_trial
     from cifarlab.train import Interrupted, run  # Lightning (6 s to load): not for a job skipped above
 
     try:

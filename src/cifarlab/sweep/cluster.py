@@ -74,7 +74,7 @@ def requeue_raced(e: BaseException) -> bool:
 def follow(cfg: DictConfig, run_dir: Path, option_names: dict[str, str]) -> float:
     """A rank > 0 of a DDP job SLURM started: trains beside rank 0 in its folder and writes nothing. Returns NaN
     (the sweep reads rank 0's result)."""
-    from cifarlab import search_trial
+    from cifarlab.search import trial as search_trial
     from cifarlab.train import Interrupted, run
 
     this_run, deadline = slurm_run(), time.monotonic() + RANK_ZERO_WAIT_S

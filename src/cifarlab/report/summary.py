@@ -18,9 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from cifarlab import report_board, report_csv, report_plot, stats
+from cifarlab.report import board as report_board, csv_files as report_csv, plot as report_plot, stats
 from cifarlab.run_folder import latest
-from cifarlab.sweep_results import RECIPE, Job, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
+from cifarlab.report.results import RECIPE, Job, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
 
 
 def summarize(rows: list[Row], baseline: Row | None, test: str = "t") -> list[dict]:
@@ -268,7 +268,7 @@ def report(sweep: Path, baseline_label: str | None = None, test: str = "t") -> t
     plots = [report_plot.seeds(rows, summary, sweep / "report.png")]
     if len(axes(rows)) == 2:
         plots.append(report_plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
-    plots += sorted(sweep.glob("search_*.png"))  # an Optuna search's own plots (search_plots.py)
+    plots += sorted(sweep.glob("search_*.png"))  # an Optuna search's own plots (search/plots.py)
     report_board.write(sweep, rows, text, plots)
     return table(summary)
 

@@ -1,7 +1,7 @@
 """The end of a search: the best trial in one line and in search.json, and Optuna's own plots (matplotlib backend)
 as PNG files in the sweep folder: optimization history, parameter importances, parallel coordinates, and each
 trial's val/acc per epoch (where pruning stopped the losing ones). cifarlab-report puts them into the sweep's report
-TensorBoard run with its table (report.py), and the search runs it once at its end."""
+TensorBoard run with its table (report/summary.py), and the search runs it once at its end."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from cifarlab.run_folder import write_json
-from cifarlab.search_study import FOLDER
+from cifarlab.search.study import FOLDER
 
 log = logging.getLogger("cifarlab")
 PLOTS: dict[str, Callable[[optuna.Study], Any]] = {  # file stem -> Optuna's plot (looked up when drawn)

@@ -52,7 +52,7 @@ def callbacks(trial_number: int | None) -> list[L.Callback]:
         return []
     from hydra.core.hydra_config import HydraConfig
 
-    from cifarlab import search_study  # optuna: only in a search
+    from cifarlab.search import study as search_study  # optuna: only in a search
 
     hydra_cfg = HydraConfig.get()
     sweep_dir = Path(hydra_cfg.runtime.output_dir).parent  # absolute, on whichever machine the launcher chose

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cifarlab.sweep_results import Row, levels, short
+from cifarlab.report.results import Row, levels, short
 
 COLOURS = {"better": "tab:green", "worse": "tab:red", "baseline": "tab:orange"}  # else grey: inconclusive
 MARKS = {"better": "▲", "worse": "▼", "baseline": "base"}

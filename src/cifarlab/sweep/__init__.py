@@ -1,0 +1,1 @@
+"""A sweep's jobs (-m), the launchers' settings, and SLURM."""
