@@ -205,9 +205,9 @@ def run(cfg: DictConfig) -> Any:
     schema.register()  # a launcher's worker restores the parent's Hydra state before each job: register again
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            from cifarlab.sweep import job as sweep  # Lightning only once the job is not skipped as finished
+            from cifarlab.sweep.job import job  # Lightning only once the job is not skipped as finished
 
-            return sweep.job(cfg)  # each job prepares itself; its failures end in its failed.json
+            return job(cfg)  # each job prepares itself; its failures end in its failed.json
         from cifarlab import train
 
         quiet_lightning_console()
