@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab.sweep.launcher_checks import BASIC_SWEEPER, JOBLIB, OPTUNA, RULES, SLURM, mistake, nodes
+from cifarlab.sweep.launcher_checks import BASIC_SWEEPER, JOBLIB, OPTUNA, RULES, SEEDS, SLURM, mistake, nodes
 from conftest import CONFIG_DIR, option_names, run_cli
 
 TPE, RANDOM = "optuna.samplers.TPESampler", "optuna.samplers.RandomSampler"
@@ -23,6 +23,7 @@ MEDIAN, HALVING, HYPERBAND = ("optuna.pruners.MedianPruner", "optuna.pruners.Suc
                               "optuna.pruners.HyperbandPruner")
 # What picks each rule's owner on the command line.
 PICK = {JOBLIB: ["launcher=parallel"], SLURM: ["launcher=slurm"], BASIC_SWEEPER: [], OPTUNA: ["hparams_search=optuna"],
+        SEEDS: ["seeds=auto"],
         TPE: ["hparams_search=optuna"], RANDOM: ["hparams_search=optuna", "hydra/sweeper/sampler=random"],
         MEDIAN: ["hparams_search=optuna"],
         HALVING: ["hparams_search=optuna", "hydra/sweeper/pruner=successive_halving"],
@@ -59,6 +60,10 @@ BAD = [
     (SLURM, "hydra.launcher.array_parallelism=-1", "hydra.launcher.array_parallelism=-1: must be an int >= 1"),
     (BASIC_SWEEPER, "hydra.sweeper.max_batch_size=0", "hydra.sweeper.max_batch_size=0: must be null or an int >= 1"),
     (OPTUNA, "hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0: must be an int >= 1"),
+    (SEEDS, "hydra.sweeper.first=1", "hydra.sweeper.first=1: must be an int in [2, 1000]"),
+    (SEEDS, "hydra.sweeper.step=0", "hydra.sweeper.step=0: must be an int >= 1"),
+    (SEEDS, "hydra.sweeper.max=1", "hydra.sweeper.max=1: must be an int in [2, 1000]"),
+    (SEEDS, "hydra.sweeper.alpha=1", "hydra.sweeper.alpha=1: must be a number in (0, 1)"),
     (OPTUNA, "hydra.sweeper.n_jobs=0", "hydra.sweeper.n_jobs=0: must be an int >= 1"),  # was a search without end
     (OPTUNA, "hydra.sweeper.direction=up", "hydra.sweeper.direction='up': must be 'maximize' or 'minimize'"),
     (TPE, "hydra.sweeper.sampler.seed=-1", "hydra.sweeper.sampler.seed=-1: must be null or an int in [0, 4294967295]"),
@@ -91,6 +96,8 @@ BAD = [
 ]
 # Rules that read two settings at once.
 ACROSS = [
+    (["seeds=auto", "hydra.sweeper.first=5", "hydra.sweeper.max=4"],
+     "hydra.sweeper.max=4 with hydra.sweeper.first=5: a row cannot start with more seeds than it may reach"),
     (["launcher=slurm", "hydra.launcher.timeout_min=2"],
      "hydra.launcher.signal_delay_s=120 with hydra.launcher.timeout_min=2: SLURM would signal each job"),
     (["hparams_search=optuna", "hydra/sweeper/pruner=successive_halving", "hydra.sweeper.pruner.min_resource=auto",
@@ -151,10 +158,10 @@ def refusal(tmp_path, *overrides: str, data: str = "data=synthetic") -> str:
 def owners() -> dict[str, DictConfig]:
     """Each launcher, sweeper, sampler and pruner the project offers, as composed with its option's defaults."""
     found = {}
-    for picks in ([f"launcher={n}" for n in option_names("launcher")]
+    for picks in ([f"launcher={n}" for n in option_names("launcher")] + ["seeds=auto"]
                   + [f"hydra/sweeper/sampler={n}" for n in option_names("hydra/sweeper/sampler")]
                   + [f"hydra/sweeper/pruner={n}" for n in option_names("hydra/sweeper/pruner")]):
-        overrides = [picks] if picks.startswith("launcher=") else ["hparams_search=optuna", picks]
+        overrides = [picks] if picks.startswith(("launcher=", "seeds=")) else ["hparams_search=optuna", picks]
         for _, node in nodes(composed(*overrides)):
             found[str(node._target_)] = node
     return found
@@ -162,7 +169,7 @@ def owners() -> dict[str, DictConfig]:
 
 def test_every_numeric_setting_of_each_launcher_sweeper_sampler_and_pruner_has_a_rule_and_a_case():
     found = owners()
-    assert {JOBLIB, SLURM, BASIC_SWEEPER, OPTUNA, TPE, RANDOM, MEDIAN, HALVING, HYPERBAND} <= set(found)
+    assert {JOBLIB, SLURM, BASIC_SWEEPER, OPTUNA, SEEDS, TPE, RANDOM, MEDIAN, HALVING, HYPERBAND} <= set(found)
     cased = {(owner, line.lstrip("+").split("=", 1)[0].rsplit(".", 1)[1]) for owner, line, _ in BAD}
     for target, node in found.items():
         numeric = numeric_settings(node)
@@ -173,7 +180,7 @@ def test_every_numeric_setting_of_each_launcher_sweeper_sampler_and_pruner_has_a
     assert {"timeout_min", "mem_gb", "array_parallelism", "signal_delay_s"} <= numeric_settings(found[SLURM])
 
 
-SHIPPED = [[f"launcher={n}"] for n in option_names("launcher")] + [
+SHIPPED = [[f"launcher={n}"] for n in option_names("launcher")] + [["seeds=auto"]] + [
     ["hparams_search=optuna", f"hydra/sweeper/sampler={s}", f"hydra/sweeper/pruner={p}"]
     for s in option_names("hydra/sweeper/sampler") for p in option_names("hydra/sweeper/pruner")]
 

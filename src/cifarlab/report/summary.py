@@ -13,22 +13,27 @@ table. The statistics are in stats.py.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
-from cifarlab.report import board as report_board, csv_files as report_csv, plot as report_plot, stats
+from cifarlab.report import board, csv_files, plot, stats
+from cifarlab.sweep.seeds import RECORD
 from cifarlab.run_folder import latest
 from cifarlab.report.results import RECIPE, Job, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
 
 
-def summarize(rows: list[Row], baseline: Row | None, test: str = "t") -> list[dict]:
+def summarize(rows: list[Row], baseline: Row | None, test: str = "t",
+              alphas: dict[str, float] | None = None) -> list[dict]:
     """One dict per row (CSV_FIELDS, accuracies in percent, plus `baseline`, `baseline_is`, `paired`): what the CSV
-    holds and the table formats. Every Δ is one of the m rows compared, at level 1 - α/m."""
+    holds and the table formats. Every Δ is one of the m rows compared, at level 1 - α/m; α is alphas[row] where a
+    seeds=auto sweep tested the row at its last look's share of α."""
     base = baseline.per_seed("test_acc") if baseline is not None else {}
     compared = [r for r in rows if r is not baseline and base and stats.testable(r.per_seed("test_acc"), base)]
-    diffs = {id(r): stats.compare(r.per_seed("test_acc"), base, max(len(compared), 1), test)
+    alpha = lambda r: (alphas or {}).get(r.label(), stats.ALPHA)  # noqa: E731
+    diffs = {id(r): stats.compare(r.per_seed("test_acc"), base, max(len(compared), 1), test, alpha(r))
              for r in rows if baseline is not None and r is not baseline}
     out = []
     for r in rows:
@@ -110,6 +115,8 @@ def level_words(summary: list[dict]) -> str:
     if tested is None:
         return f"{stats.LEVEL:.0%} CI"
     m = tested["rows_compared"]
+    if len({s["delta_ci_level"] for s in summary if s["rows_compared"]}) > 1:  # seeds=auto: each row's own look
+        return f"CI at the level of each row's last look, {m} rows"
     return f"{100 * tested['delta_ci_level']:.3g} % CI, {m} row{'s' if m > 1 else ''}"
 
 
@@ -244,6 +251,7 @@ def markdown(sweep: Path, rows: list[Row], unplaced: list[Job], summary: list[di
             lines += [f"| {short(axis)} | test acc % [95% CI] | seeds | cells that ran |", "| --- | ---: | ---: | ---: |"]
             lines += [f"| {level} | {_interval(m, lo, hi)} | {n} | {cells} |" for level, m, lo, hi, n, cells in levels]
             lines += [""]
+    lines += sequential(sweep)
     failed = [j for j in jobs if not j.metrics] + unplaced
     if failed:
         lines += ["", "## Failed, damaged or unfinished jobs", ""]
@@ -254,22 +262,47 @@ def markdown(sweep: Path, rows: list[Row], unplaced: list[Job], summary: list[di
     return "\n".join(lines)
 
 
+def seeds_record(sweep: Path) -> dict | None:
+    """What a seeds=auto sweep recorded (sweep/seeds.py): its plan, and why each row stopped."""
+    path = sweep / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def sequential(sweep: Path) -> list[str]:
+    """report.md's section on a seeds=auto sweep: its looks, its level, and each row's seeds and why it stopped."""
+    record = seeds_record(sweep)
+    if record is None:
+        return []
+    looks = ", ".join(f"{n} seeds (α {a:.3g})" for n, a in record["looks"].items())
+    lines = ["", "## Seeds until decided (seeds=auto)", "",
+             f"Looks at {looks}: α = {record['alpha']} split over the looks, half at the last. At each look every "
+             f"undecided row was tested against `{record['baseline']}` at that look's α, Bonferroni over the rows; a "
+             "row's Δ interval above is at the level of the look it stopped at. A decided row got no more seeds.",
+             "", "| row | seeds | stopped |", "| --- | ---: | --- |"]
+    lines += [f"| {row} | {r['seeds']} | {r['stopped'] or 'not yet (the sweep did not finish)'} |"
+              for row, r in record["rows"].items()]
+    return lines
+
+
 def report(sweep: Path, baseline_label: str | None = None, test: str = "t") -> tuple[list[str], list[list[str]]]:
     """Write report.md, report.csv, jobs.csv, the plots and the TensorBoard run; return the table (header, rows)."""
     rows, unplaced = collect(sweep)
     for job in [j for r in rows for j in r.jobs if j.error and j.error.startswith("damaged")] + unplaced:
         print(f"warning: {job.folder}: {job.error}; reported as failed", file=sys.stderr)
+    record = seeds_record(sweep)
+    if record is not None and baseline_label is None:
+        baseline_label = record["baseline"]  # the row the sweep's looks compared with
     baseline = baseline_row(rows, baseline_label)
-    summary = summarize(rows, baseline, test)
+    summary = summarize(rows, baseline, test, {r: v["alpha"] for r, v in record["rows"].items()} if record else None)
     text = markdown(sweep, rows, unplaced, summary, baseline, test)
     (sweep / "report.md").write_text(text)
-    report_csv.write(sweep / "report.csv", report_csv.CSV_FIELDS, [report_csv.csv_row(s) for s in summary])
-    report_csv.write(sweep / "jobs.csv", report_csv.JOB_FIELDS, report_csv.jobs_table(rows, unplaced))
-    plots = [report_plot.seeds(rows, summary, sweep / "report.png")]
+    csv_files.write(sweep / "report.csv", csv_files.CSV_FIELDS, [csv_files.csv_row(s) for s in summary])
+    csv_files.write(sweep / "jobs.csv", csv_files.JOB_FIELDS, csv_files.jobs_table(rows, unplaced))
+    plots = [plot.seeds(rows, summary, sweep / "report.png")]
     if len(axes(rows)) == 2:
-        plots.append(report_plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
+        plots.append(plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
     plots += sorted(sweep.glob("search_*.png"))  # an Optuna search's own plots (search/plots.py)
-    report_board.write(sweep, rows, text, plots)
+    board.write(sweep, rows, text, plots)
     return table(summary)
 
 

@@ -19,6 +19,7 @@ JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA = "hydra_plugins.cifarlab_search.OptunaSweeper"
+SEEDS = "hydra_plugins.cifarlab_search.SeedsSweeper"
 JOBLIB_INTS = ("pre_dispatch", "batch_size", "max_nbytes")  # text the launcher passes on as an int when it is one
 
 
@@ -82,6 +83,12 @@ RULES: dict[str, dict[str, Rule]] = {
         "n_trials": said(ints(1), "trials the study holds when the search ends"),
         "n_jobs": said(ints(1), "trials asked and launched at once"),
         "direction": one_of("maximize", "minimize"),
+    },
+    SEEDS: {  # seeds=auto (sweep/seeds.py)
+        "first": said(ints(2, 1000), "seeds every row starts with: two at least, to test it"),
+        "step": said(ints(1), "seeds added per round"),
+        "max": said(ints(2, 1000), "seeds a row may reach"),
+        "alpha": said(numbers(0, 1, lo_open=True, hi_open=True), "the family-wise level over rows and looks"),
     },
     # Optuna's samplers and pruners: the ranges their constructors check, or their docstrings give
     "optuna.samplers.TPESampler": {
@@ -150,6 +157,10 @@ def across(config: DictConfig) -> str | None:
         return (f"hydra.launcher.signal_delay_s={launcher.signal_delay_s} with hydra.launcher.timeout_min="
                 f"{launcher.timeout_min}: SLURM would signal each job (and submitit requeue it) as it starts; make "
                 "signal_delay_s shorter than timeout_min x 60 s")
+    sweeper = config.hydra.sweeper
+    if str(sweeper.get("_target_")) == SEEDS and sweeper.max < sweeper.first:
+        return (f"hydra.sweeper.max={sweeper.max} with hydra.sweeper.first={sweeper.first}: a row cannot start with "
+                "more seeds than it may reach; raise max or lower first")
     pruner = config.hydra.sweeper.get("pruner")
     if not isinstance(pruner, DictConfig):
         return None
