@@ -181,6 +181,8 @@ def test_every_target_in_configs_is_allowed():
 # Mistakes found while composing (the schema's types), in a value (ranges, the layers built once), in the data, or by
 # Lightning in its own arguments: all refused in one line, exit status 2, before Hydra makes the run folder.
 CLI_REFUSED = [
+    (["sweep=pool", "seeds=auto"], "sweep=pool seeds=auto: chooses how -m sweeps, and this is a single run; run it "
+                                   "as a sweep: cifarlab-train -m sweep=pool seeds=auto ..."),
     (["seed=abc"], "seed=abc: Value 'abc' of type 'str' could not be converted to Integer (the schema types seed)"),
     (["model.hidden=abc"], "model.hidden=abc: Value 'abc' of type 'str' could not be converted to Integer"),
     (["data.batch_size=1.5"], "data.batch_size=1.5: Value '1.5' of type 'float' could not be converted to Integer"),

@@ -92,8 +92,9 @@ def test_with_real_effects_it_saves_seeds_against_a_fixed_design_and_says_what_i
 
 
 # A 2 x 2 grid on the stand-in subset: data.download=true changes nothing once the data is there (a row identical to
-# the baseline), optimizer.lr=1e-9 cannot learn in 2 epochs (a row far from it, and one more like it).
-GRID = ["-m", "data.download=false,true", "optimizer.lr=0.003,1e-9", "seeds=auto", "hydra.sweeper.max=5",
+# the baseline), optimizer.lr=1e-9 cannot learn in 2 epochs (a row far from it, and one more like it). Its seed axis,
+# as a sweep=<name> has one, gives way to the rounds' seeds.
+GRID = ["-m", "data.download=false,true", "optimizer.lr=0.003,1e-9", "seed=0,1", "seeds=auto", "hydra.sweeper.max=5",
         "hydra.sweeper.baseline='data.download=False optimizer.lr=0.003'", "trainer.max_epochs=2", "callbacks=plain",
         "launcher=basic"]
 

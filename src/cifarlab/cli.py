@@ -142,6 +142,9 @@ def pin_folder(config: DictConfig, run_dir: Path, keep_record: bool = False) -> 
             config.hydra.output_subdir = None
 
 
+# Config groups that only a sweep (-m) reads: a single run would quietly ignore them.
+SWEEP_GROUPS = ("sweep", "seeds", "hparams_search")
+
 # What on_run_start prepared, by run folder, for the run Hydra starts next in this process.
 PREPARED: dict[Path, Any] = {}
 
@@ -164,6 +167,10 @@ class BeforeTheFolder(Callback):
                 others = [o for o in config.hydra.overrides.task if not o.startswith("resume=")]
                 pin_folder(config, resume_folder(str(config.resume), others), keep_record=True)
                 return
+            sweep_only = [f"{g}={c}" for g in SWEEP_GROUPS if (c := config.hydra.runtime.choices.get(g))]
+            if sweep_only:
+                raise ConfigError(f"{' '.join(sweep_only)}: chooses how -m sweeps, and this is a single run; run it "
+                                  f"as a sweep: cifarlab-train -m {' '.join(sweep_only)} ...")
             run_dir = planned_run_dir(config)
             if run_dir is None:
                 return

@@ -128,7 +128,10 @@ def grid(overrides: Sequence[Any]) -> list[list[str]]:
     axes = {}
     for o in overrides:
         key = o.get_key_element()
-        if key.lstrip("+~") == "seed":
+        if key.lstrip("+~") == "seed":  # sweep=<name> sets one; the rounds give their own
+            if o.is_sweep_override():
+                log.info("seeds=auto: the grid's seeds (seed=%s) give way to seeds 0, 1, 2, ... in rounds",
+                         ",".join(o.sweep_string_iterator()))
             continue
         axes[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_discrete_sweep()
                      else [f"{key}={o.get_value_element_as_str()}"])
