@@ -140,3 +140,22 @@ def test_a_real_sweep_decides_the_clear_row_first_runs_the_tied_one_to_the_maxim
     assert report.returncode == 0, report.stderr
     text = (sweep / "report.md").read_text()
     assert "## Seeds until decided (seeds=auto)" in text and "| data.download=True optimizer.lr=0.003 | 5 |" in text
+
+
+def test_the_parallel_launcher_runs_the_same_rounds_into_the_same_folders_with_the_same_numbers(tmp_path):
+    """launcher=parallel (joblib workers) against launcher=basic on made-up data: the same jobs, the same results.
+    On SLURM: tests/test_slurm.py."""
+    from test_sweeps import TINY
+
+    grid = ["-m", "data.download=false,true", "seeds=auto", "hydra.sweeper.first=2", "hydra.sweeper.step=1",
+            "hydra.sweeper.max=3", "hydra.sweeper.baseline='data.download=False'", *TINY,
+            "threads=1"]  # as a parallel worker has, so the numbers can be the same to the last bit
+    runs = {}
+    for launcher in ("basic", "parallel"):
+        sweep = tmp_path / launcher
+        result = run_cli(*grid, f"launcher={launcher}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[launcher] = {name: {k: m[k] for k in ("seed", "steps", "test_acc", "test_loss")}
+                          for name in finished(sweep) if (m := read_metrics(sweep / name))}
+        assert json.loads((sweep / "seeds.json").read_text())["rows"]["data.download=True"]["seeds"] == 3
+    assert len(runs["basic"]) == 6 and runs["parallel"] == runs["basic"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -223,3 +224,33 @@ def test_an_optuna_search_on_slurm_reports_each_epoch_from_the_jobs_and_prunes(s
         m = read_metrics(sweep / t.user_attrs["job_folder"])
         assert sorted(t.intermediate_values) == list(range(1, m["epochs"] + 1))  # reported by the job, every epoch
         assert m["pruned"] is (t.state == TrialState.PRUNED) and m["trial"] == t.number
+
+
+def test_seeds_auto_on_slurm_submits_one_array_a_round_and_a_rerun_runs_no_job_again(slurm, subset_root, tmp_path):
+    """The rounds of seeds=auto (tests/test_seeds.py) as SLURM job arrays: 2 identical rows x 2 seeds, then 1 seed
+    more each; the tied row reaches the maximum. The folders are named by row and seed, so the same command again
+    finds every job finished."""
+    sweep = tmp_path / "seeds"
+    args = ["-m", "data.download=false,true", "seeds=auto", "hydra.sweeper.first=2", "hydra.sweeper.step=1",
+            "hydra.sweeper.max=3", "hydra.sweeper.baseline='data.download=False'", f"data.root={subset_root}", *JOB,
+            "trainer.max_epochs=1", *on(slurm), "hydra.launcher.array_parallelism=2", f"hydra.sweep.dir={sweep}"]
+    result = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # one array a round: 2 rows x 2 seeds, then 2 rows x 1 seed
+    assert [s.count(f"#SBATCH --array=0-{n - 1}%2\n") for s, n in zip(submission_scripts(sweep), (4, 2))] == [1, 1]
+    folders = {f.name: read_metrics(f) for f in job_folders(sweep)}
+    assert sorted(folders) == [f"{i:03d}_data.download={d}_s{s}" for i, d in enumerate(("False", "True"))
+                               for s in range(3)], sorted(folders)
+    for name, metrics in folders.items():
+        assert metrics["seed"] == int(name[-1]) and metrics["steps"] == STEPS
+    row = json.loads((sweep / "seeds.json").read_text())["rows"]["data.download=True"]
+    assert row["seeds"] == 3 and row["stopped"] == "reached the maximum (inconclusive)"
+    log = result.stderr + result.stdout
+    assert "look 1/2 (2 seeds a row)" in log and "look 2/2 (3 seeds a row)" in log
+
+    written = {name: (sweep / name / "metrics.json").stat().st_mtime_ns for name in folders}
+    again = run_cli(*args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {name: (sweep / name / "metrics.json").stat().st_mtime_ns for name in folders} == written
+    for name in folders:
+        assert f"{name}: finished before (test/acc " in (sweep / name / "train.log").read_text()
