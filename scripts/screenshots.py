@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Screenshots of a real TensorBoard in headless Chromium, for the README: one run folder, five dashboards.
+"""Screenshots of a real TensorBoard in headless Chromium, for the README: one run folder, six dashboards.
 
     .venv/bin/pip install -e '.[docs]'      # Playwright's Python package; it drives Debian's chromium, no download
     .venv/bin/python scripts/screenshots.py outputs/screenshots/max-relu-batchnorm docs/img
 
-Playwright (rather than `chromium --screenshot`, which the tests use) because the graph needs two double-clicks.
+Playwright (rather than `chromium --screenshot`, which the tests use) because the graph needs two double-clicks and
+the projector a tensor and a colouring picked from its menus.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
@@ -23,7 +25,21 @@ DASHBOARDS = {
     "graphs": "graphs",
     "hparams": "hparams",
     "histograms": "histograms&tagFilter=conv.weight",
+    "projector": "projector",
 }
+
+
+def projector(page) -> None:
+    """The tested checkpoint's 64-d hidden features, each image's thumbnail tinted by its true class."""
+    panel = next(f for f in page.frames if f.url.endswith("projector_binary.html"))  # the plugin's own page
+    tensors = panel.locator("paper-dropdown-menu").first
+    tensors.click()
+    tensors.get_by_role("option", name=re.compile(r"^hidden @ step \d+ \(tested\)")).click()
+    page.wait_for_timeout(5000)
+    colour = panel.locator('paper-dropdown-menu[label="Color by"]')
+    colour.click()
+    colour.get_by_role("option", name=re.compile(r"^true\b")).click()
+    page.wait_for_timeout(3000)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +59,8 @@ if __name__ == "__main__":
                 for node in ("CifarNet", "Stage[stage1]"):
                     page.locator("g.node", has_text=node).last.dblclick()  # last: the innermost node with that name
                     page.wait_for_timeout(2000)
+            if name == "projector":
+                projector(page)
             path = out / f"tensorboard_{name}.png"
             page.screenshot(path=str(path))
             print(path)

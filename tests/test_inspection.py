@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import glob
 import io
+import json
+import math
 import os
 import signal
 import subprocess
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -19,9 +25,10 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard import SummaryWriter
 
-from cifarlab import board, build, inspection
+from cifarlab import board, build, inspection, projector
 
 from cifarlab.data import batches, cifar10, datamodule
+from cifarlab.module import CifarModule
 from conftest import REPO, compose_config, get, option_names, read_metrics, run_cli
 
 PAD = inspection.GRID_PADDING
@@ -285,7 +292,9 @@ def test_plain_callbacks_write_no_inspection(tmp_path):
                      f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not images(run_dir)
-    assert all(not acc.Tags()["graph"] and not acc.Tags()["histograms"] for acc in accumulators(run_dir))
+    assert all(not acc.Tags()["graph"] and not acc.Tags()["histograms"] and
+               not [t for t in acc.Tags()["tensors"] if t.startswith("test/pr_curve/")] for acc in accumulators(run_dir))
+    assert not (run_dir / "projector_config.pbtxt").exists()
 
 
 def synthetic_pooling_run(tmp_path: Path, pool: str) -> dict[str, list[tuple[int, np.ndarray]]]:
@@ -387,6 +396,182 @@ def test_browser_shows_the_pooling_images(server, tmp_path):
         bare = np.asarray(Image.open(board.screenshot(f"{url}/#images", tmp_path / "empty.png")))
     assert photo_colours(bare) < 200, photo_colours(bare)
     assert photo_colours(shot) > 3 * max(photo_colours(bare), 100), (photo_colours(shot), photo_colours(bare))
+
+
+def wait_for_plugins(url: str, *names: str, timeout: float = 60) -> dict:
+    """The projector decides it is active in a thread of its own, after the first listing asks: ask until it says."""
+    deadline = time.monotonic() + timeout
+    while True:
+        plugins = get(f"{url}/data/plugins_listing")
+        if all(plugins[n]["enabled"] for n in names) or time.monotonic() > deadline:
+            return plugins
+        time.sleep(0.5)
+
+
+def fetch(url: str, path: str, **query: str) -> bytes:
+    return urllib.request.urlopen(f"{url}{path}?{urllib.parse.urlencode(query)}", timeout=60).read()
+
+
+class Outputs(L.Callback):
+    def on_test_start(self, trainer, pl_module):
+        self.logits = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.logits.append(outputs.float())
+
+
+@pytest.fixture(scope="module")
+def tested(run, subset_root):
+    """The run's tested checkpoint scored again here, through Lightning's test loop in the run's precision and with
+    its batches: the test set's softmax probabilities; and the projector's images (the seeded choice) with their
+    features, in fp32 as the projector computes them."""
+    run_dir, cfg, _ = run
+    arrays = cifar10.load_cifar10(subset_root, download=False)
+    dm = datamodule.CifarDataModule(arrays, batches.val_count(cfg.data.val_size, len(arrays.train_y)),
+                                    cfg.data.split_seed, cfg.data.batch_size, cfg.data.eval_batch_size,
+                                    cfg.data.normalize, False, 0, cfg.seed)
+    module = CifarModule.load_from_checkpoint(run_dir / "checkpoints" / "best.ckpt", model=build.network(cfg.model),
+                                              optimizer=None)
+    outputs = Outputs()
+    L.Trainer(accelerator="cpu", devices=1, precision=read_metrics(run_dir)["precision"], logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[outputs]).test(module, datamodule=dm, verbose=False)
+    n = min(cfg.callbacks.projector.images, len(dm.test_y))
+    index = torch.randperm(len(dm.test_y), generator=torch.Generator().manual_seed(cfg.callbacks.projector.seed))[:n]
+    index = index.sort().values
+    with torch.no_grad():
+        features = module.model.eval().features(dm.normalizer(dm.test_x[index]).float())
+    return {"labels": dm.test_y, "probs": torch.cat(outputs.logits).softmax(1), "index": index,
+            "images": dm.test_x[index], "features": features, "classes": dm.classes,
+            "step": read_metrics(run_dir)["steps"]}
+
+
+def test_server_shows_the_projector_before_and_after_with_thumbnails_and_the_test_labels(server, tested):
+    assert wait_for_plugins(server, "projector")["projector"]["enabled"]
+    assert json.loads(fetch(server, "/data/plugin/projector/runs")) == ["."]
+    config = json.loads(fetch(server, "/data/plugin/projector/info", run="."))
+    n, step = len(tested["index"]), tested["step"]
+    shapes = {e["tensorName"]: e["tensorShape"] for e in config["embeddings"]}
+    assert n == 1000 and shapes == {
+        f"{name} @ step {s} ({when})": [n, width] for name, width in (("flatten", 1024), ("hidden", 64))
+        for s, when in ((0, "before training"), (step, "tested"))}
+    # the sprite: each image of the choice as its thumbnail, in order, 32 to a row
+    sprite = np.asarray(Image.open(io.BytesIO(fetch(server, "/data/plugin/projector/sprite_image", run=".",
+                                                    name=f"hidden @ step {step} (tested)"))).convert("RGB"))
+    side = math.ceil(math.sqrt(n))
+    assert sprite.shape == (side * 32, side * 32, 3)
+    thumbs = sprite.reshape(side, 32, side, 32, 3).transpose(0, 2, 1, 3, 4).reshape(-1, 32, 32, 3)[:n]
+    assert np.array_equal(thumbs, tested["images"].permute(0, 2, 3, 1).numpy())
+    classes, labels = tested["classes"], tested["labels"]
+    predicted = tested["features"]["logits"].argmax(1)
+    for when, s in (("before training", 0), ("tested", step)):
+        text = fetch(server, "/data/plugin/projector/metadata", run=".", name=f"hidden @ step {s} ({when})").decode()
+        header, *rows = [line.split("\t") for line in text.strip().split("\n")]
+        assert header == ["image", "true", "predicted", "correct"] and len(rows) == n
+        assert [int(r[0]) for r in rows] == tested["index"].tolist()
+        assert [r[1] for r in rows] == [classes[int(y)] for y in labels[tested["index"]]]
+        assert all(r[3] == str(r[1] == r[2]) for r in rows)
+    # after testing: the tested checkpoint's predictions and features, to the 5 digits written
+    assert [r[2] for r in rows] == [classes[int(p)] for p in predicted]
+    for name in ("hidden", "flatten"):
+        served = np.frombuffer(fetch(server, "/data/plugin/projector/tensor", run=".",
+                                     name=f"{name} @ step {step} (tested)"), dtype=np.float32).reshape(n, -1)
+        expected = tested["features"][name].numpy()
+        np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_pr_curves_per_class_agree_with_the_tested_checkpoint_and_its_per_class_accuracy(server, run, tested):
+    assert wait_for_plugins(server, "pr_curves")["pr_curves"]["enabled"]
+    classes, labels, probs = tested["classes"], tested["labels"], tested["probs"]
+    tags = get(f"{server}/data/plugin/pr_curves/tags")["."]
+    assert set(tags) == {f"test/pr_curve/{c}" for c in classes}
+    per_class_acc = {}
+    for acc in accumulators(run[0]):
+        for c in classes:
+            if f"test/acc_class/{c}" in acc.Tags()["scalars"]:
+                per_class_acc[c] = acc.Scalars(f"test/acc_class/{c}")[-1].value
+    for k, c in enumerate(classes):
+        (curve,) = json.loads(fetch(server, "/data/plugin/pr_curves/pr_curves", run=".", tag=f"test/pr_curve/{c}"))["."]
+        assert curve["step"] == tested["step"]
+        half = curve["thresholds"].index(0.5)
+        tp, fp, fn = (curve[key][half] for key in ("true_positives", "false_positives", "false_negatives"))
+        positive, mine = labels == k, probs[:, k] >= 0.5
+        assert (tp, fp) == (int((mine & positive).sum()), int((mine & ~positive).sum()))
+        assert curve["true_positives"][0] + curve["false_negatives"][0] == int(positive.sum())  # all of class k
+        # p >= 0.5 makes class k the arg max: the images found at 0.5 are among those the confusion matrix counts
+        # right, so recall at 0.5 is at most the class's test accuracy, and precision at 0.5 is what they imply
+        assert tp + fn == int(positive.sum()) and tp / (tp + fn) <= per_class_acc[c] + 1e-6
+        assert curve["precision"][half] == pytest.approx(tp / max(tp + fp, 1), abs=1e-6)
+        assert curve["recall"][half] == pytest.approx(tp / (tp + fn), abs=1e-6)
+
+
+def test_the_projector_config_keeps_every_step_a_resumed_run_wrote(tmp_path):
+    """A resumed run is a new process: what its first start wrote stays listed, and a step written again replaces
+    its own entry."""
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    rows = [[str(i), "cat", "dog", "False"] for i in range(5)]
+    projector.write_projector(tmp_path, 0, "before training", {"hidden": torch.randn(5, 64)}, rows, images)
+    projector.write_projector(tmp_path, 40, "tested", {"hidden": torch.randn(5, 64)}, rows, images)
+    again = torch.randn(5, 64)
+    projector.write_projector(tmp_path, 40, "tested", {"hidden": again}, rows, images)
+    text = (tmp_path / "projector_config.pbtxt").read_text()
+    assert text.count("tensor_name:") == 2
+    assert 'tensor_name: "hidden @ step 0 (before training)"' in text and "hidden @ step 40 (tested)" in text
+    written = np.loadtxt(tmp_path / "projector" / "step-000040-tested" / "hidden.tsv", delimiter="\t")
+    np.testing.assert_allclose(written, again.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tensorflow_python():
+    """A Python that sees this environment's packages with tensorflow-cpu added (its own dependencies where this
+    environment has none), as `pip install tensorflow` leaves a user's; removed afterwards (1.5 GB)."""
+    import site
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cifarlab-tf-") as env:
+        subprocess.run([sys.executable, "-m", "venv", env], check=True, timeout=300)
+        python = Path(env) / "bin" / "python"
+        inner = subprocess.run([str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+        (Path(inner) / "zz_cifarlab.pth").write_text(f"import site; site.addsitedir({site.getsitepackages()[0]!r})\n")
+        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "tensorflow-cpu"], capture_output=True,
+                             text=True, timeout=900)
+        if pip.returncode != 0:
+            pytest.skip(f"tensorflow-cpu could not be installed: {pip.stderr.strip().splitlines()[-1:]}")
+        yield python
+
+
+@pytest.mark.slow  # installs tensorflow-cpu (about 15 s from a local index) and trains through the command line
+def test_with_tensorflow_installed_the_projector_and_pr_curves_are_written_and_served(tensorflow_python, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    probe = subprocess.run([str(tensorflow_python), "-c", "from tensorboard.compat import tf; print(tf.__version__)"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert probe.returncode == 0 and probe.stdout.strip()[:1].isdigit(), probe.stderr  # the real TensorFlow, not stub
+    run_dir = tmp_path / "run"
+    train = subprocess.run([str(tensorflow_python), "-c", "from cifarlab.cli import cli; cli()", "data=synthetic",
+                            "data.n_train=600", "data.n_test=1200", "trainer.max_epochs=1", f"hydra.run.dir={run_dir}"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    port = board.free_port()
+    server = subprocess.Popen([str(tensorflow_python), "-m", "tensorboard.main", "--logdir", str(run_dir), "--host",
+                               board.HOST, "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://{board.HOST}:{port}"
+    try:
+        board.wait_until_up(url, server)
+        plugins = wait_for_plugins(url, "projector", "pr_curves")
+        assert plugins["projector"]["enabled"] and plugins["pr_curves"]["enabled"]
+        config = json.loads(fetch(url, "/data/plugin/projector/info", run="."))
+        step = read_metrics(run_dir)["steps"]
+        assert [(e["tensorName"], e["tensorShape"]) for e in config["embeddings"]][:2] == [
+            (f"flatten @ step {step} (tested)", [1000, 1024]), (f"hidden @ step {step} (tested)", [1000, 64])]
+        served = fetch(url, "/data/plugin/projector/tensor", run=".", name=f"hidden @ step {step} (tested)")
+        assert len(served) == 1000 * 64 * 4  # float32
+        assert len(get(f"{url}/data/plugin/pr_curves/tags")["."]) == 10
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_tensorboard_refuses_a_missing_folder(tmp_path):

@@ -22,7 +22,8 @@ NOISE = [0.31, -0.12, 0.05, -0.27, 0.18, -0.02, 0.09]
 BASE = {s: 60.0 + n for s, n in zip(SEEDS, NOISE)}
 
 
-def job(sweep, number: int, overrides: dict[str, str], seed: int, acc: float) -> None:
+def job(sweep, number: int, overrides: dict[str, str], seed: int, acc: float,
+        per_class: dict[str, float] | None = None) -> None:
     """A finished job folder as cifarlab-train leaves it, reduced to what the report reads."""
     choices = {"pool": "max", "activation": "none", "norm": "none", "dropout": "none"}
     choices |= {k.split("/")[-1]: v for k, v in overrides.items()}
@@ -33,7 +34,7 @@ def job(sweep, number: int, overrides: dict[str, str], seed: int, acc: float) ->
     (folder / "metrics.json").write_text(json.dumps({
         "test_acc": acc / 100, "best_val_acc": acc / 100 + 0.01, "params": 145_578, "epoch_s": 30.0, "seed": seed,
         "epochs": 10, "data_source": "made-up", "tested_checkpoint": "best", "choices": choices,
-        "overrides": listed}))
+        "overrides": listed, **({"test_acc_class": per_class} if per_class else {})}))
 
 
 def grid(sweep, cells: dict[tuple[str, str], dict[int, float]]) -> None:
@@ -302,3 +303,28 @@ def test_a_seed_run_twice_counts_once_and_a_diverged_value_is_left_out(tmp_path)
     row = read_csv(tmp_path)["pool=avg"]
     assert row["seeds"] == str(len(SEEDS)) and row["test"] == "paired t"
     assert float(row["delta"]) == pytest.approx(3 / len(SEEDS), abs=1e-4)  # the later run of seed 0 counts
+
+
+def test_the_per_class_view_gives_each_class_its_mean_over_seeds_and_its_difference_from_the_baseline(tmp_path):
+    classes = ["airplane", "cat", "ship"]
+    base = {s: {c: 0.6 + 0.01 * s + 0.1 * i for i, c in enumerate(classes)} for s in range(3)}
+    avg = {s: {**acc, "cat": acc["cat"] + 0.08, "ship": acc["ship"] - 0.05} for s, acc in base.items()}
+    for number, (pool, per_seed) in enumerate([("max", base), ("avg", avg)]):
+        for seed, acc in per_seed.items():
+            job(tmp_path, 3 * number + seed, {"model/pool": pool}, seed, 100 * statistics.fmean(acc.values()), acc)
+    report.report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    section = text[text.index("## Test accuracy per class"):]
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in section.splitlines() if line.startswith("| pool=")}
+    mean = {c: 100 * statistics.fmean(base[s][c] for s in base) for c in classes}
+    assert rows["pool=max (base)"] == [f"{mean[c]:.1f}" for c in classes]
+    assert rows["pool=avg"] == [f"{mean['airplane']:.1f} (+0.0)", f"{mean['cat'] + 8:.1f} (+8.0)",
+                                f"{mean['ship'] - 5:.1f} (-5.0)"]
+    assert "![accuracy per class](per_class.png)" in text and Image.open(tmp_path / "per_class.png").size[0] > 300
+
+
+def test_jobs_without_accuracy_per_class_get_no_per_class_view(two_factors):
+    sweep, _ = two_factors
+    report.report(sweep)
+    assert "per class" not in (sweep / "report.md").read_text() and not (sweep / "per_class.png").exists()

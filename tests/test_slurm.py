@@ -237,7 +237,7 @@ def test_seeds_auto_on_slurm_submits_one_array_a_round_and_a_rerun_runs_no_job_a
     result = run_cli(*args, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # one array a round: 2 rows x 2 seeds, then 2 rows x 1 seed
-    assert [s.count(f"#SBATCH --array=0-{n - 1}%2\n") for s, n in zip(submission_scripts(sweep), (4, 2))] == [1, 1]
+    assert [s.count(f"#SBATCH --array=0-{n - 1}%2\n") for s, n in zip(submission_scripts(sweep), (4, 2), strict=True)] == [1, 1]
     folders = {f.name: read_metrics(f) for f in job_folders(sweep)}
     assert sorted(folders) == [f"{i:03d}_data.download={d}_s{s}" for i, d in enumerate(("False", "True"))
                                for s in range(3)], sorted(folders)

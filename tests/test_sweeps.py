@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -190,6 +191,18 @@ def test_report_tensorboard_run_draws_seed_bands_on_a_real_server(small_sweep):
         experiment = get(f"{url}/data/plugin/hparams/experiment", {"experimentName": ""})
         columns = [h["name"] for h in experiment["hparamInfos"]]
         assert set(columns[:4]) == {"Pool", "Activation", "Norm", "Dropout"}, columns  # over the whole sweep
+        # the per-class view: the figure, and in the report's text each class's mean over the seeds
+        assert {"sweep/report", "sweep/per_class"} <= set(get(f"{url}/data/plugin/images/tags")["report"])
+        (tag,) = get(f"{url}/data/plugin/text/tags")["report"]  # add_text's tag, as SummaryWriter names it
+        (text,) = get(f"{url}/data/plugin/text/text?run=report&tag={urllib.parse.quote(tag)}")
+    per_class = [read_metrics(f)["test_acc_class"] for f in job_folders(sweep)
+                 if (f / "metrics.json").exists() and read_metrics(f)["choices"]["pool"] == "avg"]
+    assert len(per_class) == len(SEEDS)
+    section = text["text"].split("<h2>Test accuracy per class</h2>")[1].split("</table>")[0]  # markdown, as HTML
+    rows = {cells[0]: cells[1:] for row in re.findall(r"<tr>(.*?)</tr>", section, re.S)
+            if (cells := re.findall(r"<td>(.*?)</td>", row))}
+    means = [100 * statistics.fmean(m[c] for m in per_class) for c in per_class[0]]
+    assert [cell.split(" (")[0] for cell in rows["pool=avg pool.kernel_size=2"]] == [f"{m:.1f}" for m in means]
 
 
 def test_running_the_sweep_again_skips_finished_jobs_and_retries_the_rest(small_sweep):

@@ -1,5 +1,5 @@
 """What goes to TensorBoard beyond scalars: images before and after pooling, MaxUnpool2d reconstructions, the graph,
-test-set figures and weight histograms.
+test-set figures and PR curves, weight histograms (the embedding projector: projector.py).
 
 Each piece is a Lightning callback switched on or off in configs/callbacks/. All of them work on a fixed small
 batch or on what the test loop already computed, every N epochs: nothing here runs per training step.
@@ -275,19 +275,25 @@ class WeightHistograms(Callback):
 
 
 class EvaluationFigures(Callback):
-    """On the test set: a confusion matrix, per-class accuracy (a figure; the scalars are the module's), and a grid of
-    misclassified images with their true and predicted classes."""
+    """On the test set, from the tested checkpoint: a confusion matrix, per-class accuracy (a figure; the scalars are
+    the module's), a grid of misclassified images with their true and predicted classes, and one PR curve per class
+    (test/pr_curve/<class>: that class's softmax probability as the score, one class against the rest)."""
 
-    def __init__(self, misclassified: int = 32):
-        self.max_wrong = misclassified
+    def __init__(self, misclassified: int = 32, pr_thresholds: int = 127):
+        self.max_wrong, self.pr_thresholds = misclassified, pr_thresholds  # 127: 0.5 is one of the thresholds
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.confmat = MulticlassConfusionMatrix(num_classes=len(trainer.datamodule.classes)).to(pl_module.device)
         self.wrong: list[tuple[torch.Tensor, int, int]] = []
+        self.probs: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
 
-    def on_test_batch_end(self, trainer, pl_module, outputs: torch.Tensor, batch, batch_idx, dataloader_idx=0):
+    def on_test_batch_end(self, trainer, pl_module, logits: torch.Tensor, batch, batch_idx, dataloader_idx=0):
         x, y = batch
+        outputs = logits.argmax(1)
         self.confmat.update(outputs, y)
+        self.probs.append(logits.float().softmax(1))
+        self.labels.append(y)
         if len(self.wrong) < self.max_wrong:
             for i in (outputs != y).nonzero().flatten()[: self.max_wrong - len(self.wrong)].tolist():
                 self.wrong.append((x[i], int(y[i]), int(outputs[i])))
@@ -311,6 +317,11 @@ class EvaluationFigures(Callback):
             ax.text(i, acc + 0.02, f"{acc:.0%}", ha="center", fontsize=8)
         fig.tight_layout()
         writer.add_figure("test/per_class_acc", fig, step)
+
+        probs, labels = torch.cat(self.probs).cpu(), torch.cat(self.labels).cpu()
+        for c, name in enumerate(classes):
+            writer.add_pr_curve(f"test/pr_curve/{name}", labels == c, probs[:, c], step,
+                                num_thresholds=self.pr_thresholds)
 
         if self.wrong:
             undo = trainer.datamodule.normalizer.undo

@@ -239,6 +239,17 @@ class CifarNet(nn.Sequential):
     def stages(self) -> list[Stage]:
         return [m for m in self.children() if isinstance(m, Stage)]
 
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the head sees: `flatten` (B, 1024 for the documented geometry), the features fc1 receives, and
+        `hidden` (B, 64), what fc2 receives (after head_act and head_drop), with `logits` (B, 10)."""
+        for name, layer in self.named_children():
+            if name == "fc1":
+                flat = x
+            if name == "fc2":
+                hidden = x
+            x = layer(x)
+        return {"flatten": flat, "hidden": hidden, "logits": x}
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

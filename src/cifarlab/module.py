@@ -147,7 +147,7 @@ class CifarModule(L.LightningModule):
         self.test_acc.update(logits, y), self.test_acc_class.update(logits, y)
         if self.tta:
             self.test_acc_no_tta.update(alone, y), self.test_acc_class_no_tta.update(alone, y)
-        return logits.argmax(1)  # (B,) predictions, for the test figures
+        return logits  # (B, 10), for the test figures and PR curves
 
     def on_test_epoch_end(self) -> None:
         names = getattr(self.trainer.datamodule, "classes", None) or range(self.hparams.num_classes)

@@ -248,6 +248,9 @@ RANGES: dict[str, Rule] = {
     "callbacks.pooling_images.channels": ints(1),
     "callbacks.pooling_images.seed": ints(0),
     "callbacks.test_figures.misclassified": ints(0),
+    "callbacks.test_figures.pr_thresholds": ints(2),
+    "callbacks.projector.images": ints(1),
+    "callbacks.projector.seed": ints(0),
 }
 
 

@@ -165,6 +165,7 @@ def results(p: Prepared, run_dir: Path, test: dict[str, float], tested: str, bes
     return {
         "test_acc": test["test/acc"],
         "test_loss": test["test/loss"],
+        "test_acc_class": {c: test[f"test/acc_class/{c}"] for c in dm.classes},  # for the sweep report's per-class view
         **({"test_acc_no_tta": test.get("test/acc_no_tta")} if p.module.tta else {}),
         "best_val_acc": best[1],
         "params": count_parameters(p.model),

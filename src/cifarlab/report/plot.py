@@ -1,5 +1,5 @@
 """The sweep report's figures: each seed's accuracy with the mean and its interval per configuration, and for a
-two-factor grid the heatmap of means with the cells that differ from the baseline marked."""
+two-factor grid the heatmap of means with the cells that differ from the baseline marked (per class: per_class.py)."""
 
 from __future__ import annotations
 
@@ -98,3 +98,4 @@ def heatmap(rows: list[Row], summary: list[dict], grid_axes: list[str], path: Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+

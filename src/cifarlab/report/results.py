@@ -51,6 +51,12 @@ class Row:
         values = {j.seed: j.metrics.get(name) for j in self.finished}
         return {s: 100 * v for s, v in values.items() if v is not None and math.isfinite(v)}
 
+    def per_class(self) -> dict[str, float]:
+        """{class: percent} test accuracy per class, the mean over the finished jobs that have it (metrics.json's
+        test_acc_class); empty when none has."""
+        seen = [j.metrics["test_acc_class"] for j in self.finished if isinstance(j.metrics.get("test_acc_class"), dict)]
+        return {c: 100 * statistics.fmean(m[c] for m in seen) for c in seen[0]} if seen else {}
+
     def mean(self, name: str) -> float:
         v = self.values(name)
         return statistics.fmean(v) if v else math.nan

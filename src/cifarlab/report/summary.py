@@ -19,7 +19,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from cifarlab.report import board, csv_files, plot, stats
+from cifarlab.report import board, csv_files, per_class, plot, stats
 from cifarlab.sweep.seeds import RECORD
 from cifarlab.run_folder import latest
 from cifarlab.report.results import RECIPE, Job, Row, axes, baseline_row, collect, levels, short, tested_checkpoints
@@ -252,11 +252,14 @@ def markdown(sweep: Path, rows: list[Row], unplaced: list[Job], summary: list[di
             lines += [f"| {level} | {_interval(m, lo, hi)} | {n} | {cells} |" for level, m, lo, hi, n, cells in levels]
             lines += [""]
     lines += sequential(sweep)
+    lines += per_class.table(rows, baseline)
     failed = [j for j in jobs if not j.metrics] + unplaced
     if failed:
         lines += ["", "## Failed, damaged or unfinished jobs", ""]
         lines += [f"- `{j.folder.name}`: {j.error}" for j in failed]
     lines += ["", "![accuracy per configuration](report.png)", ""]
+    if any(r.per_class() for r in rows):
+        lines += ["![accuracy per class](per_class.png)", ""]
     if len(axes(rows)) == 2:
         lines += ["![the grid](heatmap.png)", ""]
     return "\n".join(lines)
@@ -299,6 +302,8 @@ def report(sweep: Path, baseline_label: str | None = None, test: str = "t") -> t
     csv_files.write(sweep / "report.csv", csv_files.CSV_FIELDS, [csv_files.csv_row(s) for s in summary])
     csv_files.write(sweep / "jobs.csv", csv_files.JOB_FIELDS, csv_files.jobs_table(rows, unplaced))
     plots = [plot.seeds(rows, summary, sweep / "report.png")]
+    if (classes := per_class.figure(rows, baseline, sweep / "per_class.png")) is not None:
+        plots.append(classes)
     if len(axes(rows)) == 2:
         plots.append(plot.heatmap(rows, summary, axes(rows), sweep / "heatmap.png"))
     plots += sorted(sweep.glob("search_*.png"))  # an Optuna search's own plots (search/plots.py)
