@@ -140,6 +140,7 @@ def test_the_pruner_stops_losing_trials_at_an_epoch_end_as_finished_runs_marked_
         m = json.loads((folder / "metrics.json").read_text())
         last = max(t.intermediate_values)
         assert m["pruned"] is True and m["epochs"] == last < EPOCHS and m["test_acc"] is None
+        assert m["test_acc_class"] is None  # never tested
         assert sorted(t.intermediate_values) == list(range(1, last + 1))  # val/acc after each epoch it ran
         assert m["best_val_acc"] == pytest.approx(max(t.intermediate_values.values()))
         events = EventAccumulator(str(folder))
@@ -149,6 +150,7 @@ def test_the_pruner_stops_losing_trials_at_an_epoch_end_as_finished_runs_marked_
     for t in complete:
         m = json.loads((sweep / t.user_attrs["job_folder"] / "metrics.json").read_text())
         assert m["pruned"] is False and m["epochs"] == EPOCHS and t.value == pytest.approx(m["best_val_acc"])
+        assert len(m["test_acc_class"]) == 10
     # every trial that cannot learn was stopped once a finished trial showed what learning looks like
     first_finished = min(t.number for t in complete)
     for t in trials:

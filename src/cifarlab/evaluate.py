@@ -67,7 +67,7 @@ def score(cfg: DictConfig, ckpt: Path, flips: bool, shift: int, precision: str) 
     Lightning's test loop, in `precision` (a Lightning precision name)."""
     import lightning as L
 
-    from cifarlab import assemble, build, checkpoint, prepare  # noqa: F401  assemble filters Lightning's notes
+    from cifarlab import build, checkpoint, prepare  # noqa: F401  prepare filters Lightning's notes
     from cifarlab.data.batches import val_count
     from cifarlab.data.datamodule import CifarDataModule
     from cifarlab.module import CifarModule

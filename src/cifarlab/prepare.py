@@ -2,18 +2,22 @@
 
 schema ranges and the _target_ allowlist (no torch) -> the network, optimizer and schedule (torch: build.py) -> the
 data, fetched and read (torchvision: data/cifar10.py) -> the datamodule, module, callbacks, loggers and trainer
-(Lightning: assemble.py). cifarlab-train runs it before Hydra makes the run folder and hands the result to the run;
-a sweep's job, a resumed run and a DDP rank run it themselves.
+(Lightning, imported only then: assemble()). cifarlab-train runs it before Hydra makes the run folder and hands the
+result to the run; a sweep's job, a resumed run and a DDP rank run it themselves.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
 from cifarlab import build, schema
 from cifarlab.data.batches import val_count
@@ -21,8 +25,37 @@ from cifarlab.errors import ConfigError
 from cifarlab.run_folder import config_sha
 
 if TYPE_CHECKING:
-    from cifarlab.assemble import Prepared
+    import lightning as L
+
     from cifarlab.data.cifar10 import CifarArrays
+    from cifarlab.data.datamodule import CifarDataModule
+    from cifarlab.module import CifarModule
+    from cifarlab.progress import EpochSummary
+
+# Lightning's advertising, its notes on what it does by design here, and a deprecation inside Lightning itself.
+NOISE = ("💡 Tip", "Trainer already configured with model summary", "Loading `train_dataloader` to estimate")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: not str(r.msg).startswith(NOISE))
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Given only outside any SLURM job, where srun is installed (a login node): cifarlab reaches SLURM with launcher=slurm.
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+
+
+@dataclass
+class Prepared:
+    """Every object of one run, built from its config before it starts."""
+
+    cfg: DictConfig  # the config as checked and settled (absolute paths)
+    started: float  # time.perf_counter() when preparing began: metrics.json's wall_s counts from it
+    model: nn.Module
+    arrays: CifarArrays
+    datamodule: CifarDataModule
+    module: CifarModule
+    trainer: L.Trainer
+    summary: EpochSummary
+    choices: dict[str, Any]
+    precision: str
+    precision_why: str  # what trainer.precision=auto decided by, or the setting itself; the run's first lines say it
+    sha: str
 
 
 # The float functions ATen hands to MKL's vector math library (VML): the IMPLEMENT_VML_MKL lines of torch's
@@ -133,10 +166,50 @@ def prepare(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None 
     build.check_schedule(scheduler, schedule_length(cfg, len(arrays.train_y) - n_val))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # the conv weights; the module makes batches match
-    from cifarlab import assemble  # Lightning (5 s to load): only once every value above has passed
+    precision = training_precision(str(cfg.trainer.get("precision", "auto")), str(cfg.trainer.accelerator))
+    return assemble(cfg, run_dir, started, model, optimizer, scheduler, arrays, n_val,
+                    choices=build.choices(cfg, option_names), sha=config_sha(cfg), precision=precision,
+                    extra_callbacks=extra_callbacks)
 
-    return assemble.assemble(cfg, run_dir, started, model, optimizer, scheduler, arrays, n_val,
-                             choices=build.choices(cfg, option_names), sha=config_sha(cfg),
-                             precision=training_precision(str(cfg.trainer.get("precision", "auto")),
-                                                          str(cfg.trainer.accelerator)),
-                             extra_callbacks=extra_callbacks)
+
+def instantiated(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Hydra's instantiate, its failure as one line naming the key (the cause, not Hydra's wrapper)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:
+        cause = e.__cause__ or e
+        why = f"{type(cause).__name__}: {build.first_line(cause)}"
+        raise ConfigError(f"{key} ({node.get('_target_')}): {why}") from None
+
+
+def assemble(cfg: DictConfig, run_dir: Path, started: float, model: nn.Module, optimizer: Callable,
+             scheduler: Callable | None, arrays: CifarArrays, n_val: int, choices: dict[str, Any], sha: str,
+             precision: tuple[str, str], extra_callbacks: Sequence[Any] = ()) -> Prepared:
+    """The Lightning half: the datamodule, the module, the callbacks, loggers and trainer the config names, each
+    instantiated once; a mistake Lightning finds in its own arguments is refused naming the config key. Lightning
+    (5 s to import) is loaded here, once every value before has passed."""
+    from cifarlab.checkpoint import AtomicCheckpointIO, ResumePoint
+    from cifarlab.data.datamodule import CifarDataModule
+    from cifarlab.module import CifarModule
+    from cifarlab.progress import EpochSummary, StopOnNonFiniteLoss
+
+    datamodule = CifarDataModule(arrays, n_val=n_val, split_seed=cfg.data.split_seed, batch_size=cfg.data.batch_size,
+                                 eval_batch_size=cfg.data.eval_batch_size, normalize=cfg.data.normalize,
+                                 flip=cfg.data.augment.flip, crop_padding=cfg.data.augment.crop_padding, seed=cfg.seed,
+                                 channels_last=cfg.channels_last)
+    module = CifarModule(model, optimizer, scheduler, label_smoothing=cfg.label_smoothing,
+                         channels_last=cfg.channels_last, test_flips=cfg.test_flips, test_shift=cfg.test_shift,
+                         compile=cfg.compile)
+    summary = EpochSummary()
+    callbacks = [instantiated(node, f"callbacks.{name}") for name, node in cfg.callbacks.items() if node is not None]
+    # always on: the epoch lines and timing, the stop at a NaN loss, what resume= needs in every checkpoint
+    callbacks += [summary, StopOnNonFiniteLoss(), *extra_callbacks, ResumePoint(sha)]
+    loggers = [instantiated(node, f"logger.{name}", save_dir=str(run_dir))
+               for name, node in cfg.logger.items() if node is not None]
+    trainer = instantiated(cfg.trainer, "trainer", precision=precision[0], logger=loggers, callbacks=callbacks,
+                           default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    return Prepared(cfg=cfg, started=started, model=model, arrays=arrays, datamodule=datamodule, module=module,
+                    trainer=trainer, summary=summary, choices=choices, precision=precision[0],
+                    precision_why=precision[1], sha=sha)

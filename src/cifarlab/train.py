@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifarlab import checkpoint, inspection, provenance
 from cifarlab.model import count_parameters
-from cifarlab.assemble import Prepared
+from cifarlab.prepare import Prepared
 from cifarlab.prepare import cpu_bf16, prepare
 from cifarlab.resume import continue_from, saved_run
 from cifarlab.run_folder import FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, write_json
@@ -165,7 +165,8 @@ def results(p: Prepared, run_dir: Path, test: dict[str, float], tested: str, bes
     return {
         "test_acc": test["test/acc"],
         "test_loss": test["test/loss"],
-        "test_acc_class": {c: test[f"test/acc_class/{c}"] for c in dm.classes},  # for the sweep report's per-class view
+        # per class, for the sweep report's per-class view; none for a pruned search trial, which is never tested
+        "test_acc_class": {c: test[f"test/acc_class/{c}"] for c in dm.classes if f"test/acc_class/{c}" in test} or None,
         **({"test_acc_no_tta": test.get("test/acc_no_tta")} if p.module.tta else {}),
         "best_val_acc": best[1],
         "params": count_parameters(p.model),

@@ -54,7 +54,7 @@ class Row:
     def per_class(self) -> dict[str, float]:
         """{class: percent} test accuracy per class, the mean over the finished jobs that have it (metrics.json's
         test_acc_class); empty when none has."""
-        seen = [j.metrics["test_acc_class"] for j in self.finished if isinstance(j.metrics.get("test_acc_class"), dict)]
+        seen = [j.metrics["test_acc_class"] for j in self.finished if j.metrics.get("test_acc_class")]
         return {c: 100 * statistics.fmean(m[c] for m in seen) for c in seen[0]} if seen else {}
 
     def mean(self, name: str) -> float:
