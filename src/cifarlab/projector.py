@@ -94,4 +94,6 @@ def write_projector(log_dir: Path, step: int, when: str, tensors: dict[str, torc
     names = {e.tensor_name for e in entries}
     # newest first: the projector opens on the first tensor, so on the tested features once there are any
     kept = ProjectorConfig(embeddings=entries + [e for e in config.embeddings if e.tensor_name not in names])
-    config_path.write_text(text_format.MessageToString(kept))
+    partial = config_path.with_name(config_path.name + ".partial")  # a kill mid-write leaves the old config whole
+    partial.write_text(text_format.MessageToString(kept))
+    partial.replace(config_path)
