@@ -515,7 +515,7 @@ def test_the_projector_config_keeps_every_step_a_resumed_run_wrote(tmp_path):
     again = torch.randn(5, 64)
     projector.write_projector(tmp_path, 40, "tested", {"hidden": again}, rows, images)
     text = (tmp_path / "projector_config.pbtxt").read_text()
-    assert not list(tmp_path.glob("*.partial"))  # written aside, then moved over the old one
+    assert not list(tmp_path.glob("*.partial*"))  # written aside, then moved over the old one
     assert text.count("tensor_name:") == 2
     assert 'tensor_name: "hidden @ step 0 (before training)"' in text and "hidden @ step 40 (tested)" in text
     written = np.loadtxt(tmp_path / "projector" / "step-000040-tested" / "hidden.tsv", delimiter="\t")

@@ -15,6 +15,7 @@ from tensorboard.plugins.projector.projector_config_pb2 import EmbeddingInfo, Pr
 from torchvision.utils import save_image
 
 from cifarlab.inspection import tensorboard
+from cifarlab.run_folder import atomic_write
 
 PROJECTOR_COLUMNS = ["image", "true", "predicted", "correct"]  # image: the index in the test set
 PROJECTOR_DIR = "projector"
@@ -94,6 +95,4 @@ def write_projector(log_dir: Path, step: int, when: str, tensors: dict[str, torc
     names = {e.tensor_name for e in entries}
     # newest first: the projector opens on the first tensor, so on the tested features once there are any
     kept = ProjectorConfig(embeddings=entries + [e for e in config.embeddings if e.tensor_name not in names])
-    partial = config_path.with_name(config_path.name + ".partial")  # a kill mid-write leaves the old config whole
-    partial.write_text(text_format.MessageToString(kept))
-    partial.replace(config_path)
+    atomic_write(config_path, lambda f: f.write(text_format.MessageToString(kept).encode()))  # a kill leaves it whole

@@ -23,8 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifarlab import checkpoint, inspection, provenance
 from cifarlab.model import count_parameters
-from cifarlab.prepare import Prepared
-from cifarlab.prepare import cpu_bf16, prepare
+from cifarlab.prepare import Prepared, cpu_bf16, prepare
 from cifarlab.resume import continue_from, saved_run
 from cifarlab.run_folder import FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, write_json
 

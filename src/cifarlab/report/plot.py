@@ -98,4 +98,3 @@ def heatmap(rows: list[Row], summary: list[dict], grid_axes: list[str], path: Pa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-

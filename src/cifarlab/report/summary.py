@@ -252,13 +252,14 @@ def markdown(sweep: Path, rows: list[Row], unplaced: list[Job], summary: list[di
             lines += [f"| {level} | {_interval(m, lo, hi)} | {n} | {cells} |" for level, m, lo, hi, n, cells in levels]
             lines += [""]
     lines += sequential(sweep)
-    lines += per_class.table(rows, baseline)
+    classes = per_class.table(rows, baseline)
+    lines += classes
     failed = [j for j in jobs if not j.metrics] + unplaced
     if failed:
         lines += ["", "## Failed, damaged or unfinished jobs", ""]
         lines += [f"- `{j.folder.name}`: {j.error}" for j in failed]
     lines += ["", "![accuracy per configuration](report.png)", ""]
-    if any(r.per_class() for r in rows):
+    if classes:
         lines += ["![accuracy per class](per_class.png)", ""]
     if len(axes(rows)) == 2:
         lines += ["![the grid](heatmap.png)", ""]
