@@ -6,6 +6,7 @@
   bare-fp32  the same loop in float32 (trainer.precision=32-true): what bf16 autocast gains, where `auto` picks it.
   cifarlab   the real pipeline: cifarlab.train.run() with the default config (Lightning, augmentation on the
              device, TensorBoard logging and the inspection callbacks), on the same data.
+  cifarlab-fp32  the same pipeline with trainer.precision=32-true: what `auto` gains a user's run.
   tutorial   the seed tutorial's recipe: torchvision.datasets.CIFAR10 with ToTensor, DataLoader(batch_size=64,
              shuffle=True), the usual loop with SGD lr 0.01 (torchvision's md5 check bypassed for stand-in files).
 
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("bare", "bare-fp32", "cifarlab", "tutorial")
+METHODS = ("bare", "bare-fp32", "cifarlab", "cifarlab-fp32", "tutorial")
 
 
 def device_name(device: torch.device) -> str:
@@ -327,6 +328,7 @@ def main() -> None:
         "bare-fp32": lambda: bare(compose([*overrides, "trainer.precision=32-true"]), arrays, device, epochs,
                                   max_batches),
         "cifarlab": lambda: cifarlab(overrides, epochs, max_batches, device),
+        "cifarlab-fp32": lambda: cifarlab([*overrides, "trainer.precision=32-true"], epochs, max_batches, device),
         "tutorial": lambda: tutorial(args.data_root, device, epochs, max_batches),
     }
     jobs = {name: run[name] for name in METHODS if name in methods}
@@ -344,7 +346,8 @@ def main() -> None:
     results = {name: merge_rounds(rs) for name, rs in rounds.items()}
     rate = lambda name: results[name]["train_img_per_s"]  # noqa: E731
     ratios = {f"{a}/{b}": rate(a) / rate(b) for a, b in
-              [("cifarlab", "bare"), ("cifarlab", "bare-fp32"), ("bare", "bare-fp32"), ("cifarlab", "tutorial"),
+              [("cifarlab", "bare"), ("cifarlab", "bare-fp32"), ("bare", "bare-fp32"), ("cifarlab", "cifarlab-fp32"),
+               ("cifarlab", "tutorial"),
                ("bare+compile", "bare"),
                ("cifarlab+compile", "cifarlab")] if a in results and b in results}
     if args.rounds > 1:  # each round's own ratios: how far one round can be trusted on this machine

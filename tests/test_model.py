@@ -253,6 +253,56 @@ def test_groupnorm_is_torchs_and_computes_in_float32_under_the_cpus_bf16_autocas
     torch.testing.assert_close(out, torchs(x.bfloat16().float()), rtol=0, atol=0)
 
 
+def backward_ops(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> set[str]:
+    """The aten ops that the backward pass through layer runs, under the CPU's bf16 autocast."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out.backward(grad)
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("num_parameters", [1, 32])
+@pytest.mark.parametrize("shape", [(4, 32, 8, 8), (6, 32)])  # a stage's maps; the head's features
+def test_prelu_is_torchs_with_a_backward_that_does_not_branch_on_signs_under_the_cpus_bf16_autocast(
+        num_parameters, shape):
+    """torch's PReLU backward branches on every element's sign, so its time depends on how many are negative (4.6x
+    slower at half than at none: docs/performance.md). Under the CPU's bf16 autocast cifarlab's computes the same
+    output and input gradient without that kernel; outside it, and in its state dict, it is nn.PReLU."""
+    from cifarlab.model import PReLU
+
+    torch.manual_seed(0)
+    ours, torchs = PReLU(num_parameters), nn.PReLU(num_parameters)
+    with torch.no_grad():
+        ours.weight.uniform_(0, 0.5)
+    torchs.load_state_dict(ours.state_dict())  # checkpoints of either load into the other
+    x = torch.randn(*shape)
+    x[0, :3] = 0  # zeros go the negative side's way in both
+    grad = torch.linspace(-1, 1, x.numel()).view(shape)
+    results = {}
+    for name, layer in {"ours": ours, "torch's": torchs}.items():
+        for cast in (False, True):
+            xx = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+                out = layer(xx)
+            out.backward(grad.to(out.dtype))
+            results[name, cast] = out, xx.grad, layer.weight.grad.clone()
+            layer.weight.grad = None
+    for cast in (False, True):
+        (out, gx, gw), (t_out, t_gx, t_gw) = results["ours", cast], results["torch's", cast]
+        assert out.dtype == t_out.dtype == (torch.bfloat16 if cast else torch.float32)
+        torch.testing.assert_close(out, t_out, rtol=0, atol=0)
+        torch.testing.assert_close(gx, t_gx, rtol=0, atol=0)
+        if cast:  # the slope's gradient: the same bf16 products, summed in another order
+            torch.testing.assert_close(gw, t_gw, rtol=2e-2, atol=2e-2 * t_gw.abs().max().item())
+        else:
+            torch.testing.assert_close(gw, t_gw, rtol=0, atol=0)
+    branchy = "aten::_prelu_kernel_backward"
+    bf16_x = x.bfloat16().requires_grad_()
+    assert branchy in backward_ops(torchs, bf16_x, grad.bfloat16())  # the control: the op this test looks for
+    assert branchy not in backward_ops(ours, bf16_x, grad.bfloat16())
+
+
 def test_blurmax_is_less_moved_by_a_one_pixel_shift_than_max_pooling():
     """The point of the blur (Zhang 2019): shifting the input by 1 px changes the stride-2 pooled map less."""
     torch.manual_seed(0)

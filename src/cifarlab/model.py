@@ -146,6 +146,40 @@ class GroupNorm(nn.GroupNorm):
         return super().forward(x)
 
 
+class PReLU(nn.PReLU):
+    """nn.PReLU whose backward, under the CPU's bf16 autocast, takes the same time whatever the signs of its input.
+    torch's PReLU backward branches on each element's sign, and at the half-negative input that follows a BatchNorm
+    it ran 5x slower than at an all-positive one (docs/performance.md). The same forward; the input gradient is the
+    same numbers, the slope's is summed in another order. Outside that autocast, and in its state dict, it is
+    nn.PReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")  # autocast runs prelu in it, input and slope alike
+            with torch.autocast("cpu", enabled=False):
+                return _SignFreePReLU.apply(x.to(dtype), self.weight.to(dtype))
+        return super().forward(x)
+
+
+class _SignFreePReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.prelu(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, weight = ctx.saved_tensors
+        channel = 1 if x.dim() > 1 else 0
+        per_channel = weight.numel() > 1
+        slope = weight.view([-1 if d == channel else 1 for d in range(x.dim())]) if per_channel else weight
+        positive = torch.ops.aten.threshold_backward(grad, x, 0)  # grad where x > 0, else 0: no branch
+        negative = grad - positive  # grad where x <= 0, else 0 (exactly)
+        grad_x = positive + negative * slope
+        grad_w = (negative * x).sum([d for d in range(x.dim()) if d != channel or not per_channel])
+        return grad_x, grad_w.view_as(weight)
+
+
 class ShrinksToNothing(ValueError):
     """A conv or pooling geometry that leaves no pixel; `layer` is "conv" or "pool", `trail` each stage's sizes."""
 
