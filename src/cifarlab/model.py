@@ -149,7 +149,7 @@ class GroupNorm(nn.GroupNorm):
 class PReLU(nn.PReLU):
     """nn.PReLU whose backward, under the CPU's bf16 autocast, takes the same time whatever the signs of its input.
     torch's PReLU backward branches on each element's sign, and at the half-negative input that follows a BatchNorm
-    it ran 5x slower than at an all-positive one (docs/performance.md). The same forward; the input gradient is the
+    it ran 4.6x slower than at an all-positive one (docs/performance.md). The same forward; the input gradient is the
     same numbers, the slope's is summed in another order. Outside that autocast, and in its state dict, it is
     nn.PReLU."""
 
