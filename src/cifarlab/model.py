@@ -60,6 +60,12 @@ def pooled_size(pool: nn.Module, hw: tuple[int, int]) -> tuple[int, int]:
     )
 
 
+def under_cpu_autocast(x: torch.Tensor) -> bool:
+    """x is on the CPU inside its autocast, where three layers below compute differently from torch's (each is torch's
+    elsewhere): a bf16 kernel there is slower than float32, or branches on the data (docs/performance.md)."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 def binomial_filter(size: int) -> torch.Tensor:
     """The size x size blur of anti-aliased pooling: the outer product of binomial row `size` (1; 1 1; 1 2 1;
     1 3 3 1; ...), summing to 1, so a flat map stays flat."""
@@ -116,7 +122,7 @@ class BlurMaxPool2d(nn.Module):
         pads = ((b - 1) // 2, b // 2, (b - 1) // 2, b // 2)  # (left, right, top, bottom)
         mode = "reflect" if min(y.shape[-2:]) > max(pads) else "replicate"  # reflect needs more px than pad
         y = F.pad(y, pads, mode=mode)
-        if y.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if under_cpu_autocast(y):
             # in float32 under the CPU's autocast: a depthwise conv in bf16 is 6x slower there than in fp32
             # (docs/performance.md); the next layer's conv casts back
             with torch.autocast("cpu", enabled=False):
@@ -140,7 +146,7 @@ class GroupNorm(nn.GroupNorm):
     nn.GroupNorm."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if under_cpu_autocast(x):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)
@@ -154,7 +160,7 @@ class PReLU(nn.PReLU):
     nn.PReLU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if under_cpu_autocast(x):
             dtype = torch.get_autocast_dtype("cpu")  # autocast runs prelu in it, input and slope alike
             with torch.autocast("cpu", enabled=False):
                 return _SignFreePReLU.apply(x.to(dtype), self.weight.to(dtype))
