@@ -224,18 +224,22 @@ def test_blurmax_without_gradients_takes_the_same_max_as_max_pool2d(kernel, padd
             too_wide.dense_max(x.requires_grad_(grad))
 
 
-def test_blurmax_blurs_in_float32_under_the_cpus_bf16_autocast_and_gives_its_gradient():
-    """bf16 autocast on a CPU: the depthwise blur runs in float32 (8x faster there than in bf16), on the bf16 max map
-    that autocast's convs hand it; outside autocast nothing changes."""
+def test_blurmax_computes_in_float32_under_the_cpus_bf16_autocast_and_gives_its_gradient():
+    """bf16 autocast on a CPU: the max and the depthwise blur run in float32 (faster there than in bf16) on the bf16
+    map that autocast's convs hand them, so the gradient is float32's, rounded once; outside autocast nothing changes."""
     torch.manual_seed(0)
     x = torch.randn(2, 32, 16, 16).bfloat16().requires_grad_()
+    grad = torch.randn(2, 32, 8, 8)
     pool = BlurMaxPool2d(kernel_size=3, stride=2, padding=1, blur_size=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = pool(x)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, pool(x.detach().float()), rtol=0, atol=0)  # the max of bf16 values is exact
-    out.sum().backward()
-    assert x.grad is not None and x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    x32 = x.detach().float().requires_grad_()
+    torch.testing.assert_close(out, pool(x32), rtol=0, atol=0)  # the max of bf16 values is exact
+    out.backward(grad)
+    pool(x32).backward(grad)
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, x32.grad.bfloat16(), rtol=0, atol=0)  # not summed over windows in bf16
     assert pool(x.detach()).dtype == torch.bfloat16  # a bf16 tensor outside autocast: computed as given
 
 

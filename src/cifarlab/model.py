@@ -114,26 +114,23 @@ class BlurMaxPool2d(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.blur_size
-        if b == 1:  # no blur: sampling the dense max every `stride` px is MaxPool2d, one op instead of two
+        if self.blur_size == 1:  # no blur: sampling the dense max every `stride` px is MaxPool2d, one op instead of two
             return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
-        y = self.dense_max(x)  # (B, C, H1, W1)
+        if under_cpu_autocast(x):
+            # in float32 under the CPU's autocast, where bf16's depthwise conv is 6x slower and max_pool2d's backward
+            # 2x (docs/performance.md); the max is exact either way, and the next layer's conv casts back
+            with torch.autocast("cpu", enabled=False):
+                return self.blurred(self.dense_max(x.float()))
+        return self.blurred(self.dense_max(x))
+
+    def blurred(self, y: torch.Tensor) -> torch.Tensor:
+        """The binomial blur of the dense max y, one per channel, sampled at `stride`: (B, C, H', W')."""
+        b = self.blur_size
         # pad (b-1)//2 before and b//2 after, so output pixel i is centred on dense pixel i * stride
         pads = ((b - 1) // 2, b // 2, (b - 1) // 2, b // 2)  # (left, right, top, bottom)
         mode = "reflect" if min(y.shape[-2:]) > max(pads) else "replicate"  # reflect needs more px than pad
-        y = F.pad(y, pads, mode=mode)
-        if under_cpu_autocast(y):
-            # in float32 under the CPU's autocast: a depthwise conv in bf16 is 6x slower there than in fp32
-            # (docs/performance.md); the next layer's conv casts back
-            with torch.autocast("cpu", enabled=False):
-                return self.blurred(y.float())
-        return self.blurred(y)
-
-    def blurred(self, y: torch.Tensor) -> torch.Tensor:
-        """The binomial blur of the padded dense max, one per channel, sampled at `stride`: (B, C, H', W')."""
-        b = self.blur_size
         weight = self.blur.to(y.dtype).expand(y.shape[1], 1, b, b)
-        return F.conv2d(y, weight, stride=self.stride, groups=y.shape[1])
+        return F.conv2d(F.pad(y, pads, mode=mode), weight, stride=self.stride, groups=y.shape[1])
 
     def extra_repr(self) -> str:
         return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
