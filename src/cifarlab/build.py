@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from cifarlab.errors import ConfigError
+from cifarlab.errors import ConfigError, first_line
 from cifarlab.model import CifarNet, LayerFactory, ShrinksToNothing
 from cifarlab.schema import CHANNELS, fmt
 
@@ -123,10 +123,6 @@ def layer_factory(node: Any, key: str) -> LayerFactory | None:
     return build
 
 
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def network(model_cfg: DictConfig) -> CifarNet:
     """The CifarNet the config describes, checked by one forward pass of two images in eval mode (no randomness
     drawn, nothing learned): torch finds a window or padding that does not fit, and the message names the key."""
@@ -225,20 +221,6 @@ def scheduler(node: DictConfig) -> Callable[[torch.optim.Optimizer, int], Any] |
             raise ConfigError(f"scheduler ({node._target_}) for {total_steps} training steps: {first_line(e)}") from None
 
     return make
-
-
-def pruner(node: DictConfig | None) -> Any:
-    """hydra.sweeper.pruner (configs/hydra/sweeper/pruner/): the pruner a search trial's job judges itself with, the
-    one the sweep's study uses (Optuna does not store it with the study)."""
-    import optuna
-    from hydra.utils import instantiate
-
-    if not node:
-        return optuna.pruners.NopPruner()
-    if not str(node.get("_target_", "")).startswith("optuna.pruners."):
-        raise ConfigError(f"hydra.sweeper.pruner._target_={fmt(node.get('_target_'))}: not an Optuna pruner "
-                          "(allowed: optuna.pruners.*)")
-    return instantiate(node)
 
 
 def check_schedule(make: Callable | None, total_steps: int) -> None:

@@ -37,3 +37,8 @@ def refuse(message: str, status: int = 2) -> None:
     """A mistake or a failure: one line on stderr, no traceback, a non-zero exit."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(status)
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line of text, or its type's name where it has none."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

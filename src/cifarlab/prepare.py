@@ -2,7 +2,7 @@
 
 schema ranges and the _target_ allowlist (no torch) -> the network, optimizer and schedule (torch: build.py) -> the
 data, fetched and read (torchvision: data/cifar10.py) -> the datamodule, module, callbacks, loggers and trainer
-(Lightning, imported only then: assemble()). cifarlab-train runs it before Hydra makes the run folder and hands the
+(Lightning, imported only then). cifarlab-train runs it before Hydra makes the run folder and hands the
 result to the run; a sweep's job, a resumed run and a DDP rank run it themselves.
 """
 
@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -166,30 +166,11 @@ def prepare(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None 
     build.check_schedule(scheduler, schedule_length(cfg, len(arrays.train_y) - n_val))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # the conv weights; the module makes batches match
-    precision = training_precision(str(cfg.trainer.get("precision", "auto")), str(cfg.trainer.accelerator))
-    return assemble(cfg, run_dir, started, model, optimizer, scheduler, arrays, n_val,
-                    choices=build.choices(cfg, option_names), sha=config_sha(cfg), precision=precision,
-                    extra_callbacks=extra_callbacks)
-
-
-def instantiated(node: DictConfig, key: str, **kwargs: Any) -> Any:
-    """Hydra's instantiate, its failure as one line naming the key (the cause, not Hydra's wrapper)."""
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node, **kwargs)
-    except Exception as e:
-        cause = e.__cause__ or e
-        why = f"{type(cause).__name__}: {build.first_line(cause)}"
-        raise ConfigError(f"{key} ({node.get('_target_')}): {why}") from None
-
-
-def assemble(cfg: DictConfig, run_dir: Path, started: float, model: nn.Module, optimizer: Callable,
-             scheduler: Callable | None, arrays: CifarArrays, n_val: int, choices: dict[str, Any], sha: str,
-             precision: tuple[str, str], extra_callbacks: Sequence[Any] = ()) -> Prepared:
-    """The Lightning half: the datamodule, the module, the callbacks, loggers and trainer the config names, each
-    instantiated once; a mistake Lightning finds in its own arguments is refused naming the config key. Lightning
-    (5 s to import) is loaded here, once every value before has passed."""
+    precision, precision_why = training_precision(str(cfg.trainer.get("precision", "auto")),
+                                                  str(cfg.trainer.accelerator))
+    sha = config_sha(cfg)
+    # The Lightning half: Lightning (5 s to import) is loaded once every value above has passed; a mistake it finds
+    # in its own arguments is refused naming the config key.
     from cifarlab.checkpoint import AtomicCheckpointIO, ResumePoint
     from cifarlab.data.datamodule import CifarDataModule
     from cifarlab.module import CifarModule
@@ -208,8 +189,20 @@ def assemble(cfg: DictConfig, run_dir: Path, started: float, model: nn.Module, o
     callbacks += [summary, StopOnNonFiniteLoss(), *extra_callbacks, ResumePoint(sha)]
     loggers = [instantiated(node, f"logger.{name}", save_dir=str(run_dir))
                for name, node in cfg.logger.items() if node is not None]
-    trainer = instantiated(cfg.trainer, "trainer", precision=precision[0], logger=loggers, callbacks=callbacks,
+    trainer = instantiated(cfg.trainer, "trainer", precision=precision, logger=loggers, callbacks=callbacks,
                            default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     return Prepared(cfg=cfg, started=started, model=model, arrays=arrays, datamodule=datamodule, module=module,
-                    trainer=trainer, summary=summary, choices=choices, precision=precision[0],
-                    precision_why=precision[1], sha=sha)
+                    trainer=trainer, summary=summary, choices=build.choices(cfg, option_names), precision=precision,
+                    precision_why=precision_why, sha=sha)
+
+
+def instantiated(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """Hydra's instantiate, its failure as one line naming the key (the cause, not Hydra's wrapper)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as e:
+        cause = e.__cause__ or e
+        why = f"{type(cause).__name__}: {build.first_line(cause)}"
+        raise ConfigError(f"{key} ({node.get('_target_')}): {why}") from None

@@ -117,13 +117,11 @@ class EpochSummary(Callback):
 class StopOnNonFiniteLoss(Callback):
     """Stops training at the first NaN/inf loss, naming the step and its learning rate, instead of training on NaN.
 
-    The losses stay on the device and are checked together every `check_every_n_steps` steps (default:
-    trainer.log_every_n_steps, where Lightning reads the loss anyway) and at each epoch's end: one host sync, not one
-    per step. (Lightning's EarlyStopping(check_finite=True) stops without failing and says neither.)
+    The losses stay on the device and are checked together every trainer.log_every_n_steps steps (where Lightning
+    reads the loss anyway) and at each epoch's end: one host sync, not one per step. (Lightning's EarlyStopping(check_finite=True) stops without failing and says neither.)
     """
 
-    def __init__(self, check_every_n_steps: int | None = None):
-        self.check_every = check_every_n_steps
+    def __init__(self):
         self._losses: list[tuple[int, float, torch.Tensor]] = []  # (step, its learning rate, loss on the device)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -136,7 +134,7 @@ class StopOnNonFiniteLoss(Callback):
         if not isinstance(outputs, dict) or "loss" not in outputs:
             return
         self._losses.append((self._step, self._lr, outputs["loss"].detach()))
-        if trainer.global_step % (self.check_every or trainer.log_every_n_steps or 1) == 0:
+        if trainer.global_step % (trainer.log_every_n_steps or 1) == 0:
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -98,7 +98,7 @@ def scaled_lr(base_lr: float, base_batch: int, batch_size: Any, rule: str) -> fl
     linear (SGD) or sqrt (Adam-type: the gradient noise falls as 1/sqrt(batch))."""
     if rule not in LR_RULES:
         raise ConfigError(f"optimizer.lr: scaling rule {rule!r} is unknown; use one of {', '.join(LR_RULES)}")
-    if not (_int(batch_size) and batch_size >= 1):
+    if not (whole(batch_size) and batch_size >= 1):
         return base_lr  # RANGES refuses it, naming data.batch_size
     return base_lr * LR_RULES[rule](batch_size / base_batch)
 
@@ -130,7 +130,7 @@ def fmt(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value).replace(" ", "")
 
 
-def _int(v: Any) -> bool:
+def whole(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -139,7 +139,7 @@ def _number(v: Any) -> bool:
 
 
 def ints(lo: int, hi: int | None = None) -> Rule:
-    return (lambda v: _int(v) and lo <= v and (hi is None or v <= hi),
+    return (lambda v: whole(v) and lo <= v and (hi is None or v <= hi),
             f"an int >= {lo}" if hi is None else f"an int in [{lo}, {hi}]")
 
 

@@ -26,6 +26,7 @@ from cifarlab.model import count_parameters
 from cifarlab.prepare import Prepared, cpu_bf16, prepare
 from cifarlab.resume import continue_from, saved_run
 from cifarlab.run_folder import FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, write_json
+from cifarlab.search.trial import pruned_after
 
 log = logging.getLogger("cifarlab")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # a resumed run's
@@ -88,7 +89,7 @@ def run(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = No
             writer.add_text("data", "**SYNTHETIC DATA, NOT CIFAR-10**: made-up images from data=synthetic")
     fit(p, ckpt_path, run_dir)
     timing = p.summary.summary()  # before testing, which may load the best checkpoint's callback states
-    pruned = pruned_after(p)
+    pruned = pruned_after(p.trainer)  # a search trial its pruner stopped (search/trial.py)
     if pruned is None:
         tested, test, best = score_test_set(p, run_dir)
     else:  # a search's losing trial: scoring the test set would only cost time
@@ -117,15 +118,6 @@ def fit(p: Prepared, ckpt_path: str | None, run_dir: Path) -> None:
         raise
 
 
-def pruned_after(p: Prepared) -> int | None:
-    """The epoch a search's pruner stopped this run after (search/trial.py); None when it ran to its end."""
-    if p.cfg.get("trial") is None:
-        return None
-    from cifarlab.search import trial as search_trial  # optuna: only in a search
-
-    return search_trial.pruned_after(p.trainer)
-
-
 def best_kept(p: Prepared) -> tuple[str | None, float | None]:
     """(path, val/acc) of the best checkpoint callbacks.model_checkpoint kept, or (None, None)."""
     ckpt_cb = next((c for c in p.trainer.checkpoint_callbacks if c.monitor is not None), None)
@@ -137,16 +129,15 @@ def best_kept(p: Prepared) -> tuple[str | None, float | None]:
 def score_test_set(p: Prepared, run_dir: Path) -> tuple[str, dict[str, float], tuple[str | None, float | None]]:
     """Test the checkpoint test_checkpoint names: best (the highest val/acc that callbacks.model_checkpoint kept)
     or last (the weights training ended with). Returns which was tested, the test metrics, and (best path, score)."""
-    ckpt_cb = next((c for c in p.trainer.checkpoint_callbacks if c.monitor is not None), None)
-    has_best = ckpt_cb is not None and bool(ckpt_cb.best_model_path)
+    best_path, _ = best_kept(p)
     wanted = p.cfg.test_checkpoint
-    tested = "best" if has_best and wanted == "best" else "last"
+    tested = "best" if best_path and wanted == "best" else "last"
     if tested != wanted:
         log.warning("test_checkpoint=best, but no checkpoint keeps the best val/acc (callbacks.model_checkpoint "
                     "removed?): testing the weights training ended with; metrics.json says tested_checkpoint: last")
     try:
         test = p.trainer.test(p.module, datamodule=p.datamodule, verbose=False,
-                              ckpt_path=ckpt_cb.best_model_path if tested == "best" else None)[0]
+                              ckpt_path=best_path if tested == "best" else None)[0]
     except SystemExit:
         if p.trainer.interrupted:
             raise Interrupted("interrupted while testing; training had finished. Continue with: "

@@ -14,10 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboard.compat.proto.tensor_pb2 import TensorProto
-from tensorboard.compat.proto.types_pb2 import DT_STRING
-from tensorboard.plugins.custom_scalar import layout_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from cifarlab.report import stats
@@ -85,19 +81,6 @@ def write_bands(report_dir: Path, rows: list[Row]) -> set[str]:
     return drawn
 
 
-def layout(metrics: set[str]) -> Summary:
-    """The custom_scalars layout as a summary: one margin chart per metric, drawing the band of every run that has
-    its tags. (SummaryWriter.add_custom_scalars could write it too; TensorBoard's own summary.pb needs TensorFlow.)"""
-    series = layout_pb2.MarginChartContent.Series
-    charts = [layout_pb2.Chart(title=metric, margin=layout_pb2.MarginChartContent(series=[series(
-        value=value, lower=lower, upper=upper)])) for metric in METRICS if metric in metrics
-        for value, lower, upper in [band_tags(metric)]]
-    config = layout_pb2.Layout(category=[layout_pb2.Category(title=CATEGORY, chart=charts)])
-    tensor = TensorProto(dtype=DT_STRING, string_val=[config.SerializeToString()])
-    plugin = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME))
-    return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, tensor=tensor, metadata=plugin)])
-
-
 def write(sweep: Path, rows: list[Row], text: str, plots: list[Path]) -> None:
     """The report runs, made anew: the events of an earlier report of this sweep would draw every band twice."""
     report_dir = sweep / "report"
@@ -108,5 +91,5 @@ def write(sweep: Path, rows: list[Row], text: str, plots: list[Path]) -> None:
         for png in plots:
             writer.add_image(f"sweep/{png.stem}", np.asarray(Image.open(png).convert("RGB")), dataformats="HWC")
         metrics = write_bands(report_dir, rows)
-        if metrics:
-            writer.file_writer.add_summary(layout(metrics))
+        if metrics:  # one margin chart per metric, drawing the band of every run that has its tags
+            writer.add_custom_scalars({CATEGORY: {m: ["Margin", list(band_tags(m))] for m in METRICS if m in metrics}})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from cifarlab.errors import first_line
 from cifarlab.run_folder import FAILED, FINISHED, RUNNING
 
 # The documented model: what every row is compared with...
@@ -139,12 +140,12 @@ def read_job(folder: Path) -> Job | None:
         try:
             metrics = _metrics(folder)
         except (OSError, ValueError) as e:  # json's decode error is a ValueError
-            error = f"damaged {FINISHED}: {_first_line(e)}"
+            error = f"damaged {FINISHED}: {first_line(e)}"
     try:
         overrides = [str(o) for o in (metrics["overrides"] if metrics and "overrides" in metrics
                                       else OmegaConf.load(folder / ".hydra" / "overrides.yaml"))]
     except Exception as e:  # noqa: BLE001 - OmegaConf and YAML raise their own kinds; the job is damaged either way
-        return Job(folder, None, None, None, error or f"damaged .hydra/overrides.yaml: {_first_line(e)}")
+        return Job(folder, None, None, None, error or f"damaged .hydra/overrides.yaml: {first_line(e)}")
     pairs = [_override(o) for o in overrides]
     try:
         seed = next((int(v) for k, v in pairs if k == "seed"), metrics.get("seed") if metrics else None)
@@ -164,12 +165,7 @@ def _unfinished(folder: Path) -> str:
         lock = folder / RUNNING
         return f"running, or killed ({lock.read_text().strip()})" if lock.exists() else "did not finish"
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"damaged {FAILED}: {_first_line(e)}"
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        return f"damaged {FAILED}: {first_line(e)}"
 
 
 def choices_of(folder: Path) -> dict[str, str]:

@@ -91,7 +91,7 @@ def compare(row: dict[int, float], baseline: dict[int, float], rows: int = 1, te
         d = np.array([row[s] - baseline[s] for s in shared])
         delta, low, high, p = _t_test(d, None, level)
         if test == "exact":
-            p = float(stats.permutation_test((d,), _mean, permutation_type="samples", n_resamples=PERMUTATIONS,
+            p = float(stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=PERMUTATIONS,
                                              vectorized=True, rng=0).pvalue)
         side = int(np.sum(d > 0) if delta > 0 else np.sum(d < 0) if delta < 0 else 0)
         return _decided(delta, low, high, level, p, rows, "sign-flip" if test == "exact" else "paired t", True,
@@ -130,10 +130,6 @@ def _decided(delta, low, high, level, p, rows, test, paired, n, spread, side, al
 
 def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.mean(x, axis=axis) - np.mean(y, axis=axis)
-
-
-def _mean(d: np.ndarray, axis: int = -1) -> np.ndarray:
-    return np.mean(d, axis=axis)
 
 
 def smallest_p(n: int, paired: bool) -> float:

@@ -16,8 +16,8 @@ from hydra.core.override_parser.types import Override, Transformer
 from omegaconf import DictConfig
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from cifarlab import build
 from cifarlab.errors import ConfigError
+from cifarlab.schema import fmt
 
 JOURNAL = "study.journal"
 FOLDER = "job_folder"  # user attribute of a trial: its job folder (an asked-again trial continues the old one's)
@@ -46,11 +46,24 @@ def storage_file(sweeper: DictConfig, sweep_dir: Path) -> Path:
     return Path(text).expanduser().resolve() if "://" not in text else sweep_dir.resolve() / "study"
 
 
+def pruner(node: DictConfig | None) -> optuna.pruners.BasePruner:
+    """hydra.sweeper.pruner (configs/hydra/sweeper/pruner/): the pruner a search trial's job judges itself with, the
+    one the sweep's study uses (Optuna does not store it with the study)."""
+    from hydra.utils import instantiate
+
+    if not node:
+        return optuna.pruners.NopPruner()
+    if not str(node.get("_target_", "")).startswith("optuna.pruners."):
+        raise ConfigError(f"hydra.sweeper.pruner._target_={fmt(node.get('_target_'))}: not an Optuna pruner "
+                          "(allowed: optuna.pruners.*)")
+    return instantiate(node)
+
+
 def job_trial(sweeper: DictConfig, sweep_dir: Path, number: int) -> optuna.Trial:
     """Trial `number` of the sweep's study, as the job that runs it reports to it: the study opened with the sweep's
     pruner (Optuna does not store it), the trial found through the storage's public API."""
     storage = optuna.storages.get_storage(storage_of(sweeper, sweep_dir))
-    study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=build.pruner(sweeper.get("pruner")))
+    study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=pruner(sweeper.get("pruner")))
     study_id = storage.get_study_id_from_name(sweeper.study_name)
     return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from cifarlab.schema import Rule, fmt, ints, null_or, numbers, one_of
+from cifarlab.schema import Rule, fmt, ints, null_or, numbers, one_of, whole
 
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -21,10 +21,6 @@ BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 OPTUNA = "hydra_plugins.cifarlab_search.OptunaSweeper"
 SEEDS = "hydra_plugins.cifarlab_search.SeedsSweeper"
 JOBLIB_INTS = ("pre_dispatch", "batch_size", "max_nbytes")  # text the launcher passes on as an int when it is one
-
-
-def whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def said(rule: Rule, why: str) -> Rule:
