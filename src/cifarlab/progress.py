@@ -118,7 +118,8 @@ class StopOnNonFiniteLoss(Callback):
     """Stops training at the first NaN/inf loss, naming the step and its learning rate, instead of training on NaN.
 
     The losses stay on the device and are checked together every trainer.log_every_n_steps steps (where Lightning
-    reads the loss anyway) and at each epoch's end: one host sync, not one per step. (Lightning's EarlyStopping(check_finite=True) stops without failing and says neither.)
+    reads the loss anyway) and at each epoch's end: one host sync, not one per step. (Lightning's
+    EarlyStopping(check_finite=True) stops without failing and says neither.)
     """
 
     def __init__(self):
