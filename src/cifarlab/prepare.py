@@ -21,7 +21,7 @@ from torch import nn
 
 from cifarlab import build, schema
 from cifarlab.data.batches import val_count
-from cifarlab.errors import ConfigError
+from cifarlab.errors import ConfigError, first_line
 from cifarlab.run_folder import config_sha
 
 if TYPE_CHECKING:
@@ -204,5 +204,5 @@ def instantiated(node: DictConfig, key: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except Exception as e:
         cause = e.__cause__ or e
-        why = f"{type(cause).__name__}: {build.first_line(cause)}"
+        why = f"{type(cause).__name__}: {first_line(cause)}"
         raise ConfigError(f"{key} ({node.get('_target_')}): {why}") from None
