@@ -394,3 +394,16 @@ def test_channel_stats_are_the_float64_mean_and_std_of_each_channel():
     torch.testing.assert_close(mean, pixels.mean(1).float(), rtol=0, atol=1e-7)
     torch.testing.assert_close(std, pixels.std(1).float(), rtol=0, atol=1e-7)
     assert mean[1] < 0.25 < mean[0]
+
+
+@pytest.mark.parametrize("shape", [(7, 3, 32, 32), (2, 3, 5, 9), (1, 3, 32, 32)])
+def test_normalize_gives_the_same_numbers_whatever_the_memory_format(shape):
+    """uint8 images normalised in NHWC memory (as training batches are) are the same to the bit as the same images
+    in NCHW memory, and as (x / 255 - mean) / std written out; the result keeps the input's memory format."""
+    norm = Normalize(torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3]))
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    expected = (x.float() / 255 - norm.mean) / norm.std
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        got = norm(x.contiguous(memory_format=fmt))
+        assert got.dtype == torch.float32 and got.is_contiguous(memory_format=fmt)
+        assert torch.equal(got, expected), fmt
