@@ -4,6 +4,9 @@
   bare       a plain PyTorch loop over pre-loaded device tensors: the same model, batch size, precision and memory
              format as cifarlab, no augmentation, no Lightning, no logging. The limit.
   bare-fp32  the same loop in float32 (trainer.precision=32-true): what bf16 autocast gains, where `auto` picks it.
+  bare-augment  the bare loop fed by cifarlab's own training batches (cropped, flipped and normalised on the device
+             as a run's are): bare / bare-augment is what the augmentation costs, bare-augment / cifarlab what
+             Lightning's loop, logging and the callbacks cost.
   cifarlab   the real pipeline: cifarlab.train.run() with the default config (Lightning, augmentation on the
              device, TensorBoard logging and the inspection callbacks), on the same data.
   cifarlab-fp32  the same pipeline with trainer.precision=32-true: what `auto` gains a user's run.
@@ -41,7 +44,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("bare", "bare-fp32", "cifarlab", "cifarlab-fp32", "tutorial")
+METHODS = ("bare", "bare-fp32", "bare-augment", "cifarlab", "cifarlab-fp32", "tutorial")
 
 
 def device_name(device: torch.device) -> str:
@@ -111,7 +114,7 @@ class BareLoop:
         from cifarlab.data import batches
 
         torch.manual_seed(cfg.seed)
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.memory_format = fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = build.network(cfg.model).to(device, memory_format=fmt)
         if cfg.compile:
             self.model.compile()
@@ -120,7 +123,7 @@ class BareLoop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast is torch.float16)
         self.optimizer = build.optimizer(cfg.optimizer)(self.model.parameters())
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        norm = batches.Normalize(*batches.channel_stats(arrays.train_x)).to(device)
+        self.norm = norm = batches.Normalize(*batches.channel_stats(arrays.train_x)).to(device)
         self.train_x = norm(arrays.train_x.to(device)).contiguous(memory_format=fmt)  # (N, 3, 32, 32), normalised once
         self.train_y = arrays.train_y.to(device)
         self.test_x = norm(arrays.test_x.to(device)).contiguous(memory_format=fmt)
@@ -130,9 +133,9 @@ class BareLoop:
     def precision(self):
         return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
-    def step(self, idx: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         with self.precision():
-            loss = self.criterion(self.model(self.train_x[idx]), self.train_y[idx])
+            loss = self.criterion(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -143,17 +146,39 @@ class BareLoop:
         order = torch.randperm(len(self.train_y), device=self.device)
         start = sync(self.device)
         for b in range(steps):
-            self.step(order[b * batch_size : (b + 1) * batch_size])
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            self.step(self.train_x[idx], self.train_y[idx])
+        return sync(self.device) - start
+
+    def augmented_epoch(self, batches, steps: int) -> float:
+        """`steps` training steps on the first batches of `batches`; their wall seconds, the augmentation included."""
+        start = sync(self.device)
+        for _, (x, y) in zip(range(steps), batches):
+            self.step(x, y)
         return sync(self.device) - start
 
 
-def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None) -> dict:
+def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None, augment: bool = False) -> dict:
+    """The bare loop's rates; augment: on cifarlab's training batches (DeviceBatches) instead of plain slices."""
+    from cifarlab.data.batches import DeviceBatches
+
     loop = BareLoop(cfg, arrays, device)
     bs = int(cfg.data.batch_size)
     n = len(loop.train_y)
     steps = n // bs if max_batches is None else min(max_batches, n // bs)
     reset_peak(device)
-    rates = [steps * bs / loop.epoch(steps, bs) for _ in range(epochs)]
+    if augment:
+        epoch = [0]
+        images = arrays.train_x.to(device).contiguous(memory_format=torch.channels_last)  # as CifarDataModule keeps it
+        training = DeviceBatches(images, loop.train_y, bs, loop.norm, train=True, seed=int(cfg.seed),
+                                 epoch=lambda: epoch[0], flip=cfg.data.augment.flip,
+                                 crop_padding=int(cfg.data.augment.crop_padding),
+                                 memory_format=loop.memory_format)
+        rates = []
+        for epoch[0] in range(epochs):
+            rates.append(steps * bs / loop.augmented_epoch(training, steps))
+    else:
+        rates = [steps * bs / loop.epoch(steps, bs) for _ in range(epochs)]
     eval_bs = int(cfg.data.eval_batch_size)
     n_test = len(loop.test_y) if max_batches is None else min(len(loop.test_y), max_batches * eval_bs)
     test = [(loop.test_x[i : i + eval_bs], loop.test_y[i : i + eval_bs]) for i in range(0, n_test, eval_bs)]
@@ -327,6 +352,7 @@ def main() -> None:
         "bare": lambda: bare(cfg, arrays, device, epochs, max_batches),
         "bare-fp32": lambda: bare(compose([*overrides, "trainer.precision=32-true"]), arrays, device, epochs,
                                   max_batches),
+        "bare-augment": lambda: bare(cfg, arrays, device, epochs, max_batches, augment=True),
         "cifarlab": lambda: cifarlab(overrides, epochs, max_batches, device),
         "cifarlab-fp32": lambda: cifarlab([*overrides, "trainer.precision=32-true"], epochs, max_batches, device),
         "tutorial": lambda: tutorial(args.data_root, device, epochs, max_batches),
@@ -346,7 +372,8 @@ def main() -> None:
     results = {name: merge_rounds(rs) for name, rs in rounds.items()}
     rate = lambda name: results[name]["train_img_per_s"]  # noqa: E731
     ratios = {f"{a}/{b}": rate(a) / rate(b) for a, b in
-              [("cifarlab", "bare"), ("cifarlab", "bare-fp32"), ("bare", "bare-fp32"), ("cifarlab", "cifarlab-fp32"),
+              [("cifarlab", "bare"), ("cifarlab", "bare-fp32"), ("bare", "bare-fp32"), ("bare-augment", "bare"),
+               ("cifarlab", "bare-augment"), ("cifarlab", "cifarlab-fp32"),
                ("cifarlab", "tutorial"),
                ("bare+compile", "bare"),
                ("cifarlab+compile", "cifarlab")] if a in results and b in results}

@@ -36,10 +36,10 @@ def rate(loop: BareLoop, steps: int, batch_size: int) -> float:
     """Training images/s over `steps` steps, after two untimed ones (first-call allocations)."""
     order = torch.randint(len(loop.train_y), (steps + 2, batch_size))
     for idx in order[:2]:
-        loop.step(idx)
+        loop.step(loop.train_x[idx], loop.train_y[idx])
     start = sync(loop.device)
     for idx in order[2:]:
-        loop.step(idx)
+        loop.step(loop.train_x[idx], loop.train_y[idx])
     return steps * batch_size / (sync(loop.device) - start)
 
 

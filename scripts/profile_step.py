@@ -106,7 +106,8 @@ def main() -> None:
     def steps(n: int) -> None:
         for b in range(n):
             start = (b * bs) % (steps_per_epoch * bs)
-            loop.step(order[start : start + bs])
+            idx = order[start : start + bs]
+            loop.step(loop.train_x[idx], loop.train_y[idx])
 
     steps(first)
     start = benchmark.sync(device)
