@@ -59,6 +59,7 @@ def test_looks_and_level_follow_the_settings():
     assert Plan(first=2, step=1, most=4).looks == [2, 3, 4] and Plan(first=5, most=5).alpha_at(5) == 0.05
 
 
+@pytest.mark.slow  # 4,000 simulated grids, about 20 s
 def test_on_grids_without_a_difference_the_family_wise_error_stays_within_alpha():
     """2,000 null grids of 3 rows: the share with any row declared better or worse is at most 5 % (with three
     standard errors of simulation); the same looks each at the full level pass it, so the split is what holds it."""
@@ -142,6 +143,7 @@ def test_a_real_sweep_decides_the_clear_row_first_runs_the_tied_one_to_the_maxim
     assert "## Seeds until decided (seeds=auto)" in text and "| data.download=True optimizer.lr=0.003 | 5 |" in text
 
 
+@pytest.mark.slow  # two sweeps through the command line
 def test_the_parallel_launcher_runs_the_same_rounds_into_the_same_folders_with_the_same_numbers(tmp_path):
     """launcher=parallel (joblib workers) against launcher=basic on made-up data: the same jobs, the same results.
     On SLURM: tests/test_slurm.py."""
