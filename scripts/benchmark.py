@@ -5,8 +5,8 @@
              format as cifarlab, no augmentation, no Lightning, no logging. The limit.
   bare-fp32  the same loop in float32 (trainer.precision=32-true): what bf16 autocast gains, where `auto` picks it.
   bare-augment  the bare loop fed by cifarlab's own training batches (cropped, flipped and normalised on the device
-             as a run's are): bare / bare-augment is what the augmentation costs, bare-augment / cifarlab what
-             Lightning's loop, logging and the callbacks cost.
+             as a run's are): bare-augment / bare is what the augmentation leaves of the limit, cifarlab /
+             bare-augment what Lightning's loop, logging and the callbacks leave.
   cifarlab   the real pipeline: cifarlab.train.run() with the default config (Lightning, augmentation on the
              device, TensorBoard logging and the inspection callbacks), on the same data.
   cifarlab-fp32  the same pipeline with trainer.precision=32-true: what `auto` gains a user's run.
@@ -168,15 +168,14 @@ def bare(cfg, arrays, device: torch.device, epochs: int, max_batches: int | None
     steps = n // bs if max_batches is None else min(max_batches, n // bs)
     reset_peak(device)
     if augment:
-        epoch = [0]
         images = arrays.train_x.to(device).contiguous(memory_format=torch.channels_last)  # as CifarDataModule keeps it
-        training = DeviceBatches(images, loop.train_y, bs, loop.norm, train=True, seed=int(cfg.seed),
-                                 epoch=lambda: epoch[0], flip=cfg.data.augment.flip,
-                                 crop_padding=int(cfg.data.augment.crop_padding),
-                                 memory_format=loop.memory_format)
-        rates = []
-        for epoch[0] in range(epochs):
-            rates.append(steps * bs / loop.augmented_epoch(training, steps))
+
+        def training(epoch: int) -> DeviceBatches:
+            return DeviceBatches(images, loop.train_y, bs, loop.norm, train=True, seed=int(cfg.seed),
+                                 epoch=lambda: epoch, flip=cfg.data.augment.flip,
+                                 crop_padding=int(cfg.data.augment.crop_padding), memory_format=loop.memory_format)
+
+        rates = [steps * bs / loop.augmented_epoch(training(e), steps) for e in range(epochs)]
     else:
         rates = [steps * bs / loop.epoch(steps, bs) for _ in range(epochs)]
     eval_bs = int(cfg.data.eval_batch_size)

@@ -46,7 +46,8 @@ def test_quick_benchmark_writes_a_table_and_a_json_with_every_method(tmp_path, s
         r["cifarlab"]["train_img_per_s"] / r["bare-augment"]["train_img_per_s"])
     assert report["ratios"]["cifarlab/tutorial"] == pytest.approx(
         r["cifarlab"]["train_img_per_s"] / r["tutorial"]["train_img_per_s"])
-    for name in ("| bare |", "| bare-fp32 |", "| bare-augment |", "| cifarlab |", "| cifarlab-fp32 |", "| tutorial |", "cifarlab/bare = "):
+    for name in ("| bare |", "| bare-fp32 |", "| bare-augment |", "| cifarlab |", "| cifarlab-fp32 |", "| tutorial |",
+                 "cifarlab/bare = "):
         assert name in result.stdout
     # the default config: bf16 autocast where the CPU computes bf16 (bare-fp32 is its float32 twin)
     assert report["precision"] == prepare.training_precision("auto", "cpu")[0] and report["channels_last"] is True
@@ -145,7 +146,8 @@ def test_rounds_merge_into_medians_over_every_timed_epoch_and_the_first_rounds_p
 def test_benchmark_refuses_an_unknown_method_by_name(tmp_path, subset_root):
     result = _script("benchmark.py", "--methods", "bare,lightning", "--data-root", str(subset_root), cwd=tmp_path)
     assert result.returncode == 2
-    assert "--methods bare,lightning: lightning unknown; choose from bare, bare-fp32, bare-augment, cifarlab, cifarlab-fp32, tutorial" in result.stderr
+    assert ("--methods bare,lightning: lightning unknown; choose from bare, bare-fp32, bare-augment, cifarlab, "
+            "cifarlab-fp32, tutorial") in result.stderr
 
 
 def test_profile_step_profiles_cifarlab_and_the_bare_loop(tmp_path, subset_root):

@@ -160,9 +160,10 @@ class DeviceBatches:
                                         self.crop_padding, h, w)
             # Each view's rows as whole (W*C)-byte lines, then its columns within them: two plain gathers, 4x faster
             # than one 4-index advanced indexing (docs/results/cpu-row-gather/).
-            x = self.pixel_rows.view(n * h, w * c).index_select(0, (idx[:, None] * h + rows).flatten()).view(-1, h, w * c)
-            line = (cols[:, :, None] * c + torch.arange(c, device=cols.device)).view(-1, 1, w * c)  # (P, 1, W*C) bytes
-            x = x.gather(2, line.expand(-1, h, -1)).view(-1, h, w, c)  # (P, H, W, C) uint8
+            source_rows = (idx[:, None] * h + rows).flatten()  # (P*H,) rows of the training split's pixel rows
+            x = self.pixel_rows.view(n * h, w * c).index_select(0, source_rows).view(-1, h, w * c)  # (P, H, W*C)
+            row_bytes = (cols[:, :, None] * c + torch.arange(c, device=cols.device)).view(-1, 1, w * c)  # (P, 1, W*C)
+            x = x.gather(2, row_bytes.expand(-1, h, -1)).view(-1, h, w, c)  # (P, H, W, C) uint8
             x = x.permute(0, 3, 1, 2)  # (P, C, H, W), channels_last in memory
         else:
             x = self.images[idx]  # (P, 3, H, W) uint8
