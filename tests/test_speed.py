@@ -91,7 +91,7 @@ def test_test_shift_adds_copies_moved_up_left_and_down_right_and_averages_their_
     shift = 2
     module = _module(test_flips=flips, test_shift=shift)
     x = torch.randn(4, 3, 32, 32)
-    views = module.test_views(x).unflatten(0, (-1, 4))  # (V, B, C, H, W)
+    views = module.test_views(x)  # V x (B, C, H, W)
     assert len(views) == (6 if flips else 3)
     assert torch.equal(views[0], x)
     # Inside the reflect padding, each shifted copy is the image moved by `shift` px along both axes.
@@ -102,6 +102,17 @@ def test_test_shift_adds_copies_moved_up_left_and_down_right_and_averages_their_
     with torch.no_grad():
         expected = torch.stack([module.model(v) for v in views]).mean(0)
         torch.testing.assert_close(module.eval_logits(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_each_test_time_view_is_a_forward_pass_of_the_batch_alone():
+    """Six views of a batch are six passes of B images, not one of 6B: a CPU evaluates a batch whose activations
+    outgrow its cache several times slower per image (docs/performance.md)."""
+    module = _module(test_flips=True, test_shift=1)
+    seen: list[int] = []
+    module.model.register_forward_hook(lambda m, args, out: seen.append(len(args[0])))
+    with torch.no_grad():
+        module.eval_logits(torch.randn(5, 3, 32, 32))
+    assert seen == [5] * 6
 
 
 def test_a_test_with_flips_also_reports_the_accuracy_without_them():

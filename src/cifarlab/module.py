@@ -95,11 +95,11 @@ class CifarModule(L.LightningModule):
     def tta(self) -> bool:
         return self.test_flips or self.test_shift > 0
 
-    def test_views(self, x: torch.Tensor) -> torch.Tensor:
-        """(V*B, C, H, W): the batch x (B, C, H, W) itself first, then the other test-time views of it.
+    def test_views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The batch x (B, C, H, W) itself first, then its other test-time views, each (B, C, H, W).
 
         test_shift=s adds the image moved s px up-left and s px down-right (reflect-padded, as the training crops
-        are); test_flips adds the mirror image of every view. The views are one batch: one forward pass.
+        are); test_flips adds the mirror image of every view.
         """
         views = [x]
         if self.test_shift:
@@ -108,17 +108,19 @@ class CifarModule(L.LightningModule):
             views += [padded[..., :h, :w], padded[..., 2 * s : 2 * s + h, 2 * s : 2 * s + w]]
         if self.test_flips:  # the mirror image is as likely a photo as the image itself
             views += [v.flip(3) for v in views]
-        return torch.cat(views)
+        return views
 
     def tta_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 10) logits averaged over the test-time views, and (B, 10) logits of the images alone."""
-        x = x.contiguous(memory_format=self.memory_format)
-        if not self.tta:
-            logits = self.model(x)
-            return logits, logits
-        views = self.test_views(x).contiguous(memory_format=self.memory_format)
-        per_view = self.model(views).unflatten(0, (-1, len(x)))  # (V, B, 10)
-        return per_view.mean(0), per_view[0]
+        """(B, 10) logits averaged over the test-time views, and (B, 10) logits of the images alone.
+
+        One forward pass a view, never one over all the views at once: on a CPU, a batch whose activations outgrow
+        the cache is several times slower per image (docs/performance.md, "Evaluation in batches that fit the cache").
+        """
+        views = self.test_views(x) if self.tta else [x]
+        per_view = [self.model(v.contiguous(memory_format=self.memory_format)) for v in views]  # V x (B, 10)
+        if len(per_view) == 1:
+            return per_view[0], per_view[0]
+        return torch.stack(per_view).mean(0), per_view[0]
 
     def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 10) logits for validation and testing (the model in eval mode), over the test-time views."""
