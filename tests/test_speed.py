@@ -396,3 +396,31 @@ def test_measuring_scripts_import_cifarlab_first(script):
                  for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""])
                  if name.split(".")[0] in heavy)
     assert first == "cifarlab", (script, first)
+
+
+def test_the_test_rate_times_the_test_pass_not_the_figures_drawn_after_it(tmp_path):
+    """time/test_img_per_s stops at the last test batch: a callback drawing figures at the test's end (the
+    inspection's: docs/performance.md) is not the model's evaluation speed."""
+    import time
+
+    from cifarlab.progress import EpochSummary
+
+    class Linear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def test_step(self, batch, batch_idx):
+            return self.fc(batch[0])
+
+    class Figures(L.Callback):
+        def on_test_epoch_end(self, trainer, pl_module):
+            time.sleep(1.0)
+
+    summary = EpochSummary()
+    data = torch.utils.data.TensorDataset(torch.randn(200, 4), torch.zeros(200, dtype=torch.long))
+    batches = torch.utils.data.DataLoader(data, batch_size=50)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Figures(), summary], default_root_dir=tmp_path)
+    trainer.test(Linear(), dataloaders=batches, verbose=False)
+    assert summary.test_img_per_s > 200 / 0.5  # 200 images; the sleep alone would hold it under 200 / 1.0

@@ -94,13 +94,16 @@ class EpochSummary(Callback):
             log.info(line)
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._test_start, self._test_images = self._now(pl_module), 0
+        self._test_start, self._test_end, self._test_images = self._now(pl_module), None, 0
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._test_images += len(batch[1])
+        if batch_idx + 1 == trainer.num_test_batches[dataloader_idx]:  # the pass ends here, before the test figures
+            self._test_end = self._now(pl_module)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self.test_img_per_s = self._test_images / (self._now(pl_module) - self._test_start)
+        end = self._test_end if self._test_end is not None else self._now(pl_module)
+        self.test_img_per_s = self._test_images / (end - self._test_start)
 
     def summary(self) -> dict[str, Any]:
         median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
