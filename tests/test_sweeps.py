@@ -117,6 +117,14 @@ def test_a_failing_job_does_not_stop_the_others_and_the_sweep_exits_1_saying_whe
     assert "Traceback" not in result.stderr
 
 
+def test_lightning_lines_show_once_per_job_on_the_console_and_in_its_train_log(small_sweep):
+    """`import lightning` gives its logger a console handler that would repeat each line beside Hydra's."""
+    _, sweep, _, result = small_sweep
+    finished = [f for f in job_folders(sweep) if (f / "metrics.json").exists()]  # the others fail before a Trainer
+    assert len(re.findall(r"GPU available: ", result.stdout + result.stderr)) == len(finished) > 0
+    assert all(len(re.findall(r"GPU available: ", (f / "train.log").read_text())) == 1 for f in finished)
+
+
 def finished_accs(sweep: Path, pool: str) -> dict[int, float]:
     """{seed: test accuracy %} of the sweep's finished jobs with this pooling."""
     return {m["seed"]: 100 * m["test_acc"] for f in job_folders(sweep) if (f / "metrics.json").exists()

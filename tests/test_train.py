@@ -36,7 +36,7 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
 
 
 def test_run_folder_holds_config_events_checkpoints_and_metrics(subset_run):
-    run_dir, _, _ = subset_run
+    run_dir, result, _ = subset_run
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert not (run_dir / ".running").exists()  # released at the end
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -50,6 +50,8 @@ def test_run_folder_holds_config_events_checkpoints_and_metrics(subset_run):
     # Lightning's own lines go to the run's log too (its loggers propagate to Hydra's handlers: cli.check_config)
     log = (run_dir / "train.log").read_text()
     assert "[lightning.pytorch.utilities.rank_zero][INFO] - `Trainer.fit` stopped: `max_epochs=4` reached." in log
+    console = result.stdout + result.stderr  # each of Lightning's lines once, not again through its own handler
+    assert console.count("GPU available: ") == console.count("`Trainer.fit` stopped: ") == 1
     assert metrics["choices"]["pool"] == "max" and metrics["choices"]["activation"] == "none"
 
 

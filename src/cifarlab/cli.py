@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from cifarlab import schema
 from cifarlab.errors import ConfigError, RunFolderError, UserError, refuse
 from cifarlab.resume import resume_folder
-from cifarlab.run_folder import State, finished_run, in_use, is_ddp_child, state, stopped_run, to_train_log
+from cifarlab.run_folder import (State, finished_run, in_use, is_ddp_child, quiet_lightning_console, state,
+                                 stopped_run, to_train_log)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -200,13 +201,6 @@ def prepare_run(config: DictConfig, run_dir: Path) -> Any:
         quiet_lightning_console()
 
 
-def quiet_lightning_console() -> None:
-    """The `lightning` logger prints to stderr itself and also reaches Hydra's handlers (console and train.log):
-    without its own handler, each of its lines shows once."""
-    if "lightning" in sys.modules:
-        logging.getLogger("lightning").handlers.clear()
-
-
 def run(cfg: DictConfig) -> Any:
     """The task Hydra runs in the run folder; every error of the run ends here."""
     schema.register()  # a launcher's worker restores the parent's Hydra state before each job: register again
@@ -217,7 +211,6 @@ def run(cfg: DictConfig) -> Any:
             return job(cfg)  # each job prepares itself; its failures end in its failed.json
         from cifarlab import train
 
-        quiet_lightning_console()
         return train.main(cfg, PREPARED.pop(Path(HydraConfig.get().runtime.output_dir), None))
     except UserError as e:
         to_train_log(f"error: {e}", logging.ERROR)

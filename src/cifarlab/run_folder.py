@@ -40,6 +40,13 @@ def to_train_log(message: str, level: int = logging.INFO, exc_info: Any = None) 
             handler.handle(record)
 
 
+def quiet_lightning_console() -> None:
+    """`import lightning` gives the `lightning` logger a console handler of its own, and its lines also reach the
+    handlers of a process whose logging is set up (Hydra's console and train.log): without it, each shows once."""
+    if logging.getLogger().handlers:
+        logging.getLogger("lightning").handlers.clear()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Write `path` through a temporary file beside it, flushed to disk and renamed over it: a reader, or a kill,
     never sees half a file (a checkpoint, metrics.json, a trimmed event file)."""

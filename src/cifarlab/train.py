@@ -25,7 +25,8 @@ from cifarlab import checkpoint, inspection, provenance
 from cifarlab.model import count_parameters
 from cifarlab.prepare import Prepared, cpu_bf16, prepare
 from cifarlab.resume import continue_from, saved_run
-from cifarlab.run_folder import FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, write_json
+from cifarlab.run_folder import (FINISHED, SAVED_CONFIG, atomic_write, claim, is_ddp_child, quiet_lightning_console,
+                                 write_json)
 from cifarlab.search.trial import pruned_after
 
 log = logging.getLogger("cifarlab")
@@ -76,6 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, option_names: dict[str, str] | None = No
         extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train, test and record one run in run_dir; returns what metrics.json holds ({} on DDP ranks 1..).
     extra_callbacks: measuring tools (scripts/), beside the configured ones."""
+    quiet_lightning_console()  # where Lightning was loaded just now: a sweep's job, a resumed run
     p = prepared or prepare(cfg, run_dir, option_names, resume=resume, extra_callbacks=extra_callbacks)
     log.info("precision: %s (%s)", p.precision, p.precision_why)
     ckpt_path = continue_from(run_dir, p.model, p.sha, owner=not is_ddp_child()) if resume else None
