@@ -116,7 +116,7 @@ class CifarModule(L.LightningModule):
         One forward pass a view, never one over all the views at once: on a CPU, a batch whose activations outgrow
         the cache is several times slower per image (docs/performance.md, "Evaluation in batches that fit the cache").
         """
-        views = self.test_views(x) if self.tta else [x]
+        views = self.test_views(x)  # [x] alone without test-time views
         per_view = [self.model(v.contiguous(memory_format=self.memory_format)) for v in views]  # V x (B, 10)
         if len(per_view) == 1:
             return per_view[0], per_view[0]
